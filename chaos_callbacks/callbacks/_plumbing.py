@@ -1,0 +1,253 @@
+"""Plumbing shared by the Lightning adapters: loss resolution, probe batches, the no-harm
+context, DDP reduction, logging and warn-once bookkeeping.
+
+Nothing here computes a diagnostic; it only moves tensors between Lightning and the pure cores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+LossFn = Callable[[LightningModule, Any], Tensor]
+
+
+class EstimateSkipped(RuntimeError):
+    """A diagnostic could not be computed this time (non-finite values, no trainable parameters, …)."""
+
+
+def trainable_parameters(module: nn.Module) -> list[Tensor]:
+    """Parameters with ``requires_grad=True``, in ``module.parameters()`` order."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _metric_states(module: nn.Module) -> list[tuple[Metric, dict[str, Any]]]:
+    saved = []
+    for m in module.modules():
+        if isinstance(m, Metric):
+            state = {name: _clone(getattr(m, name)) for name in m._defaults}
+            state["_update_count"] = m._update_count
+            state["_computed"] = m._computed
+            saved.append((m, state))
+    return saved
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    return value
+
+
+@contextmanager
+def _muted_logging(pl_module: LightningModule) -> Iterator[None]:
+    """Make ``self.log``/``self.log_dict`` no-ops while the user's ``training_step`` is re-run."""
+    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log
+        del pl_module.log_dict
+
+
+@contextmanager
+def no_harm(pl_module: LightningModule, train_mode: bool = True) -> Iterator[None]:
+    """Run extra forward/backward passes without changing what training sees.
+
+    On exit the global RNG streams (torch, CUDA, numpy, python), every module buffer (batch-norm
+    running statistics), every torchmetrics state and every module's train/eval flag are restored;
+    inside, autocast is off, gradients are enabled and ``self.log`` is muted. Buffers are restored
+    only on exit, after all autograd calls (batch norm saves its statistics for backward).
+    """
+    error: BaseException | None = None
+    with isolate_rng():
+        modes = [(m, m.training) for m in pl_module.modules()]
+        buffers = [(b, b.detach().clone()) for b in pl_module.buffers()]
+        metrics = _metric_states(pl_module)
+        device_type = pl_module.device.type if pl_module.device.type in ("cuda", "cpu", "xpu") else "cpu"
+        pl_module.train(train_mode)
+        try:
+            with torch.enable_grad(), torch.autocast(device_type=device_type, enabled=False), _muted_logging(pl_module):
+                yield
+        except BaseException as exc:  # re-raised after the RNG is restored
+            error = exc
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for m, state in metrics:
+                for name, value in state.items():
+                    setattr(m, name, value)
+            for m, mode in modes:
+                m.training = mode
+    if error is not None:
+        raise error
+
+
+def check_loss_resolvable(pl_module: LightningModule, loss_fn: LossFn | None, owner: str) -> None:
+    """Raise ``ValueError`` at fit start when no loss can be derived for ``pl_module``."""
+    if loss_fn is None and not pl_module.automatic_optimization:
+        raise ValueError(
+            f"{owner}: the module uses manual optimization, so its training_step steps the optimizer and "
+            "cannot be re-run to get a loss. Pass loss_fn=lambda module, batch: <scalar loss>."
+        )
+
+
+def compute_loss(pl_module: LightningModule, batch: Any, loss_fn: LossFn | None, batch_idx: int = 0) -> Tensor:
+    """The scalar training loss of ``batch``: ``loss_fn(module, batch)`` or the module's own ``training_step``.
+
+    Call inside :func:`no_harm` (which mutes ``self.log`` and restores metric states).
+    """
+    if loss_fn is not None:
+        loss = loss_fn(pl_module, batch)
+    else:
+        out = pl_module.training_step(batch, batch_idx)
+        loss = out["loss"] if isinstance(out, dict) else out
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        raise EstimateSkipped(
+            "the loss must be a scalar tensor; training_step returned "
+            f"{type(loss).__name__}. Pass loss_fn=lambda module, batch: <scalar loss>."
+        )
+    if not loss.requires_grad:
+        raise EstimateSkipped("the loss does not depend on any parameter that requires grad")
+    return loss
+
+
+def batch_size_of(batch: Any) -> int:
+    """Leading dimension of the first tensor in ``batch``."""
+    sizes: list[int] = []
+    apply_to_collection(batch, Tensor, lambda t: sizes.append(t.shape[0]) if t.ndim else None)
+    if not sizes:
+        raise ValueError("cannot find a tensor with a batch dimension in the batch")
+    return sizes[0]
+
+
+def _slice_batch(batch: Any, n: int) -> Any:
+    return apply_to_collection(batch, Tensor, lambda t: t[:n] if t.ndim else t)
+
+
+def draw_probe_batches(trainer: Trainer, num_examples: int) -> list[Any]:
+    """The first ``num_examples`` training examples, as the loader batches them, on the CPU.
+
+    Drawn from a fresh iterator of ``trainer.train_dataloader`` under an isolated RNG, so the
+    training run's shuffling and augmentation streams are untouched. Under DDP each rank draws
+    from its own shard.
+    """
+    loader = trainer.train_dataloader
+    if loader is None:
+        raise ValueError("the trainer has no train dataloader to draw a probe set from")
+    loaders = loader if isinstance(loader, (list, tuple)) else [loader]
+    batches: list[Any] = []
+    remaining = num_examples
+    with isolate_rng():
+        for batch in loaders[0]:
+            size = batch_size_of(batch)
+            batches.append(_slice_batch(batch, remaining) if size > remaining else batch)
+            remaining -= min(size, remaining)
+            if remaining == 0:
+                break
+    return batches
+
+
+def to_device(trainer: Trainer, batch: Any) -> Any:
+    """Move a probe batch to the module's device with the module's own transfer hooks."""
+    with isolate_rng():
+        return trainer.strategy.batch_to_device(batch)
+
+
+def mean_reducer(trainer: Trainer) -> Callable[[Tensor], Tensor]:
+    """``t ↦ mean over ranks of t`` under DDP (every rank must call it), identity otherwise."""
+    if trainer.world_size <= 1:
+        return lambda t: t
+    return lambda t: trainer.strategy.reduce(t, reduce_op="mean")
+
+
+def current_lr(trainer: Trainer) -> float | None:
+    """Learning rate of the first param group of the first optimizer."""
+    if not trainer.optimizers:
+        return None
+    return float(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def log_scalars(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    metrics: dict[str, float],
+    step: int,
+    prog_bar: Sequence[str] = (),
+) -> None:
+    """Write ``metrics`` to every logger at ``step`` and to ``callback_metrics``/progress bar.
+
+    Loggers are written directly (``logger.log_metrics``), so sparse estimates are never dropped
+    by ``log_every_n_steps``; the values also reach ``trainer.callback_metrics`` (and the
+    progress bar for ``prog_bar`` names) through ``pl_module.log(..., logger=False)``.
+    """
+    finite = {k: float(v) for k, v in metrics.items() if v is not None}
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(finite, step=step)
+    for name, value in finite.items():
+        tensor = torch.tensor(value, dtype=torch.float32)
+        if pl_module._current_fx_name is not None and name in prog_bar:
+            pl_module.log(name, tensor, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        else:
+            trainer.callback_metrics[name] = tensor
+
+
+def tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:
+    """The attached TensorBoard loggers (empty off rank zero)."""
+    if not trainer.is_global_zero:
+        return []
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def log_figure(trainer: Trainer, tag: str, make_figure: Callable[[], Any], step: int) -> None:
+    """Build a matplotlib figure (only when a TensorBoard logger is attached) and log it."""
+    tbs = tensorboard_loggers(trainer)
+    if not tbs:
+        return
+    import matplotlib.pyplot as plt
+
+    fig = make_figure()
+    for tb in tbs:
+        tb.experiment.add_figure(tag, fig, global_step=step, close=False)
+    plt.close(fig)
+
+
+def log_histogram(trainer: Trainer, tag: str, values: Tensor, step: int) -> None:
+    """Histogram of ``values`` on every TensorBoard logger."""
+    for tb in tensorboard_loggers(trainer):
+        tb.experiment.add_histogram(tag, values.detach().cpu(), global_step=step)
+
+
+class WarnOnce:
+    """Warn (rank zero) the first time each kind of problem occurs; count every occurrence."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.seen: set[str] = set()
+        self.count = 0
+
+    def __call__(self, kind: str, message: str) -> None:
+        self.count += 1
+        if kind not in self.seen:
+            self.seen.add(kind)
+            rank_zero_warn(f"{self.owner}: {message} (skipped; later occurrences are counted, not warned)")
+
+
+def is_finite(*values: float | None) -> bool:
+    """All given values are finite numbers."""
+    return all(v is not None and math.isfinite(v) for v in values)

@@ -1,0 +1,245 @@
+"""``HessianSpectrumMonitor``: live Hessian eigenvalues, trace and spectral density."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from chaos_callbacks.callbacks import _plumbing as plumb
+from chaos_callbacks.curvature import (
+    HessianOperator,
+    NoTrainableParametersError,
+    gradient_weighted_curvature,
+    hutchinson_trace,
+    lanczos,
+    lyapunov_map_lambda_max,
+    power_iteration,
+    spectral_density,
+)
+
+Method = Literal["lanczos", "power", "lyapunov"]
+
+
+class HessianSpectrumMonitor(Callback):
+    """Estimate the Hessian spectrum of the training loss every ``every_n_steps`` optimizer steps.
+
+    At each estimate (before the optimizer step ``t``, on the weights ``θ_t``) the Hessian of the
+    probe loss is applied matrix-free by exact Hessian-vector products and
+
+    - ``method="lanczos"`` (default): the top-``k`` eigenvalues (largest algebraic) and the most
+      negative one from one Krylov basis, with certified Ritz error bounds ≤ ``tol · max|θ|``,
+      warm-started from the previous estimate's Ritz vectors;
+    - ``method="power"``: power iteration — the largest-*magnitude* eigenvalue, logged as
+      ``hessian/lambda_dominant`` (it may be negative, so it is never called "top");
+    - ``method="lyapunov"``: the Lyapunov-map estimator of Sasdelli et al. (OpenReview
+      37Fh1MiR5Ze), ``λ_max = (e^Λ − 1)/η_a`` from the growth of a renormalised perturbation under
+      the gradient-ascent map ``θ ↦ θ + η_a∇L``;
+
+    optionally the trace (Hutchinson, deflated by the Ritz pairs) and the spectral density
+    (stochastic Lanczos quadrature, Ghorbani et al. 2019), and always the gradient-weighted
+    curvature ``‖Hg‖/‖g‖`` (Rosca et al. 2023) and ``lr · λ_max`` (2 is the edge of stability,
+    Cohen et al. 2021).
+
+    Args:
+        every_n_steps: cadence in optimizer steps (an estimate runs when ``global_step`` is a
+            multiple of it, including step 0).
+        top_k: number of largest eigenvalues (``method="lanczos"`` only for ``top_k > 1``).
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's own
+            ``training_step`` (its logging muted, its metric states restored).
+        probe: ``"batch"`` for the current training batch, or an int ``N`` for a fixed probe set
+            of the first ``N`` training examples drawn at fit start (same examples every
+            estimate, so curves are comparable over time).
+        method: ``"lanczos"``, ``"power"`` or ``"lyapunov"``.
+        lambda_min: also estimate the most negative eigenvalue (Lanczos only).
+        trace: also estimate the trace; ``trace_samples`` Rademacher probes.
+        density: also estimate the spectral density (``density_probes × density_steps`` HVPs)
+            and log it as a TensorBoard figure.
+        tol: relative tolerance of the eigenvalue estimates.
+        max_hvps: budget of Hessian-vector products for the eigenvalue solver per estimate.
+        hessian_mode: ``"train"`` (default: the Hessian the optimizer sees — dropout active with
+            masks fixed across the products of one estimate, batch norm on batch statistics) or
+            ``"eval"``.
+        warm_start: start each Lanczos run from the previous Ritz vectors.
+        seed: seed of the random start vectors and probes (same on every rank).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        top_k: int = 1,
+        loss_fn: plumb.LossFn | None = None,
+        probe: Literal["batch"] | int = "batch",
+        method: Method = "lanczos",
+        lambda_min: bool = True,
+        trace: bool = False,
+        trace_samples: int = 20,
+        density: bool = False,
+        density_probes: int = 3,
+        density_steps: int = 90,
+        tol: float = 1e-3,
+        max_hvps: int = 100,
+        hessian_mode: Literal["train", "eval"] = "train",
+        warm_start: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if method not in ("lanczos", "power", "lyapunov"):
+            raise ValueError(f"method must be 'lanczos', 'power' or 'lyapunov', got {method!r}")
+        if method != "lanczos" and top_k > 1:
+            raise ValueError(f"top_k > 1 needs method='lanczos' ({method!r} estimates one eigenvalue)")
+        if not (probe == "batch" or (isinstance(probe, int) and not isinstance(probe, bool) and probe > 0)):
+            raise ValueError(f"probe must be 'batch' or a positive number of examples, got {probe!r}")
+        if not 0 < tol < 1:
+            raise ValueError(f"tol must be in (0, 1), got {tol}")
+        if max_hvps < top_k + 1:
+            raise ValueError(f"max_hvps must be at least top_k + 1 = {top_k + 1}, got {max_hvps}")
+        if trace_samples < 2:
+            raise ValueError(f"trace_samples must be >= 2, got {trace_samples}")
+        if density_probes < 1 or density_steps < 2:
+            raise ValueError("density_probes must be >= 1 and density_steps >= 2")
+        if hessian_mode not in ("train", "eval"):
+            raise ValueError(f"hessian_mode must be 'train' or 'eval', got {hessian_mode!r}")
+        self.every_n_steps = every_n_steps
+        self.top_k = top_k
+        self.loss_fn = loss_fn
+        self.probe = probe
+        self.method = method
+        self.lambda_min = lambda_min and method == "lanczos"
+        self.trace = trace
+        self.trace_samples = trace_samples
+        self.density = density
+        self.density_probes = density_probes
+        self.density_steps = density_steps
+        self.tol = tol
+        self.max_hvps = max_hvps
+        self.hessian_mode = hessian_mode
+        self.warm_start = warm_start
+        self.seed = seed
+        self._warn = plumb.WarnOnce(type(self).__name__)
+        self._probe_batches: list[Any] | None = None
+        self._warm_vectors: torch.Tensor | None = None
+        self._top_values: torch.Tensor | None = None
+        self._last_step = -1
+        self._num_estimates = 0
+        self.last_estimate: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, top_k=self.top_k, method=self.method, probe=self.probe)
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        plumb.check_loss_resolvable(pl_module, self.loss_fn, type(self).__name__)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if isinstance(self.probe, int) and self._probe_batches is None:
+            self._probe_batches = plumb.draw_probe_batches(trainer, self.probe)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        batches = [batch] if self._probe_batches is None else [plumb.to_device(trainer, b) for b in self._probe_batches]
+        try:
+            metrics = self._estimate(trainer, pl_module, batches, batch_idx)
+        except (plumb.EstimateSkipped, NoTrainableParametersError, FloatingPointError) as exc:
+            self._warn(type(exc).__name__, f"Hessian estimate skipped at step {step}: {exc}")
+            plumb.log_scalars(trainer, pl_module, {"hessian/skipped": self._warn.count}, step)
+            return
+        self.last_estimate = metrics
+        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=("hessian/lambda_max",))
+
+    # ------------------------------------------------------------------ estimate
+    def _operator(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any], batch_idx: int) -> HessianOperator:
+        params = plumb.trainable_parameters(pl_module)
+        sizes = [plumb.batch_size_of(b) for b in batches]
+        weights = [s / sum(sizes) for s in sizes]
+        closures = [
+            (lambda b=b: plumb.compute_loss(pl_module, b, self.loss_fn, batch_idx)) for b in batches
+        ]
+        return HessianOperator(params, closures, weights, reduce=plumb.mean_reducer(trainer))
+
+    def _estimate(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any], batch_idx: int) -> dict[str, float]:
+        generator = torch.Generator().manual_seed(self.seed + self._num_estimates)
+        self._num_estimates += 1
+        with plumb.no_harm(pl_module, train_mode=self.hessian_mode == "train"):
+            op = self._operator(trainer, pl_module, batches, batch_idx)
+            if not plumb.is_finite(op.loss) or not torch.isfinite(op.gradient).all():
+                raise plumb.EstimateSkipped(f"non-finite probe loss or gradient (loss={op.loss})")
+            kw = dict(generator=generator, dtype=op.dtype, device=op.device)
+            metrics: dict[str, float] = {}
+            lam_max = self._eigen(op, metrics, kw)
+            if self.trace:
+                deflate = {}
+                if self.method == "lanczos" and self._warm_vectors is not None:
+                    deflate = dict(deflate_vectors=self._warm_vectors[: self.top_k], deflate_values=self._top_values)
+                metrics["hessian/trace"] = hutchinson_trace(op, op.dim, num_samples=self.trace_samples, **deflate, **kw).trace
+            if self.density:
+                dens = spectral_density(op, op.dim, num_probes=self.density_probes, steps=self.density_steps, **kw)
+            metrics["hessian/grad_curvature"] = gradient_weighted_curvature(op, op.gradient)
+            metrics["hessian/hvps"] = float(op.num_matvecs)
+            op.release()
+        if not plumb.is_finite(*[v for v in metrics.values() if v is not None]):
+            raise plumb.EstimateSkipped(f"non-finite estimate {metrics}")
+        lr = plumb.current_lr(trainer)
+        if lr is not None and lam_max is not None:
+            metrics["hessian/sharpness_lr"] = lr * lam_max
+        if self.density:
+            from chaos_callbacks.plotting.hessian import spectral_density_figure
+
+            plumb.log_figure(trainer, "hessian/spectral_density", lambda: spectral_density_figure(dens), trainer.global_step)
+        return {k: v for k, v in metrics.items() if v is not None}
+
+    def _eigen(self, op: HessianOperator, metrics: dict[str, float], kw: dict[str, Any]) -> float | None:
+        init = self._warm_vectors if self.warm_start else None
+        if self.method == "power":
+            res = power_iteration(op, op.dim, tol=self.tol, max_matvecs=self.max_hvps, init=init, **kw)
+            if not res.converged:
+                raise plumb.EstimateSkipped(f"power iteration did not converge in {self.max_hvps} HVPs")
+            self._warm_vectors = res.eigenvector[None]
+            metrics["hessian/lambda_dominant"] = res.eigenvalue
+            return None
+        if self.method == "lyapunov":
+            res = lyapunov_map_lambda_max(op, op.dim, tol=self.tol, max_matvecs=self.max_hvps, init=init, **kw)
+            if not res.converged:
+                raise plumb.EstimateSkipped(f"the Lyapunov-map estimate did not converge in {self.max_hvps} HVPs")
+            self._warm_vectors = res.vector[None]
+            metrics["hessian/lambda_max"] = res.lambda_max
+            return res.lambda_max
+        res = lanczos(op, op.dim, k=self.top_k, want_min=self.lambda_min, tol=self.tol, max_matvecs=self.max_hvps, init=init, **kw)
+        if not res.converged:
+            raise plumb.EstimateSkipped(f"Lanczos did not reach tol={self.tol} in max_hvps={self.max_hvps} HVPs")
+        vectors = [res.eigenvectors] + ([res.min_vector[None]] if res.min_vector is not None else [])
+        self._warm_vectors = torch.cat(vectors).detach()
+        self._top_values = res.eigenvalues
+        metrics["hessian/lambda_max"] = float(res.eigenvalues[0])
+        if self.lambda_min:
+            metrics["hessian/lambda_min"] = res.lambda_min
+        for i, value in enumerate(res.eigenvalues.tolist(), start=1):
+            metrics[f"hessian/eig_{i}"] = value
+        return float(res.eigenvalues[0])
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "warm_vectors": None if self._warm_vectors is None else self._warm_vectors.cpu(),
+            "top_values": self._top_values,
+            "probe_batches": self._probe_batches,
+            "last_step": self._last_step,
+            "num_estimates": self._num_estimates,
+            "skipped": self._warn.count,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._warm_vectors = state_dict["warm_vectors"]
+        self._top_values = state_dict["top_values"]
+        self._probe_batches = state_dict["probe_batches"]
+        self._last_step = state_dict["last_step"]
+        self._num_estimates = state_dict["num_estimates"]
+        self._warn.count = state_dict["skipped"]

@@ -1,0 +1,32 @@
+"""Hessian-vector products and spectral solvers (torch only, no Lightning)."""
+
+from chaos_callbacks.curvature.density import SpectralDensity, spectral_density
+from chaos_callbacks.curvature.drift import (
+    gradient_weighted_curvature,
+    principal_flow_coefficients,
+    stability_regime,
+)
+from chaos_callbacks.curvature.hvp import HessianOperator, NoTrainableParametersError, flatten, unflatten
+from chaos_callbacks.curvature.lanczos import LanczosResult, PowerResult, lanczos, power_iteration
+from chaos_callbacks.curvature.lyapunov_map import LyapunovMapResult, lyapunov_map_lambda_max
+from chaos_callbacks.curvature.trace import TraceEstimate, hutchinson_trace
+
+__all__ = [
+    "HessianOperator",
+    "LanczosResult",
+    "LyapunovMapResult",
+    "NoTrainableParametersError",
+    "PowerResult",
+    "SpectralDensity",
+    "TraceEstimate",
+    "flatten",
+    "gradient_weighted_curvature",
+    "hutchinson_trace",
+    "lanczos",
+    "lyapunov_map_lambda_max",
+    "power_iteration",
+    "principal_flow_coefficients",
+    "spectral_density",
+    "stability_regime",
+    "unflatten",
+]

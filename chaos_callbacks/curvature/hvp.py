@@ -1,0 +1,119 @@
+"""Exact Hessian-vector products of a loss over one or more probe batches.
+
+The Hessian of ``L(θ) = Σ_b w_b L_b(θ)`` is exposed as a linear operator on flat vectors
+``v ∈ R^n`` (``n`` = number of parameters that require grad). Each product is the exact
+Pearlmutter (1994) product ``H v = ∇_θ (∇_θ L · v)`` by double backward through a *cached*
+first-order graph: every probe batch is forwarded once, ``g_b = ∇L_b`` is built with
+``create_graph=True``, and each product is one backward pass of ``g_b · v``. Because the
+forward pass is shared, dropout masks, augmentations and batch-norm batch statistics are
+identical across all products of one estimate — the operator is a fixed symmetric matrix.
+
+``benchmarks/bench_hvp_backends.py`` compares this with ``torch.func`` forward-over-reverse
+(``jvp(grad(L))``), which recomputes forward and backward for every product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+class NoTrainableParametersError(ValueError):
+    """Raised when a model has no parameter with ``requires_grad=True``."""
+
+
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors into one flat vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat vector into views shaped like ``like``."""
+    out, offset = [], 0
+    for t in like:
+        out.append(vector[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+class HessianOperator:
+    """The Hessian of a weighted sum of probe-batch losses, as a matrix-free operator.
+
+    Args:
+        params: the parameters to differentiate (those with ``requires_grad``).
+        losses: one closure per probe batch, each returning the scalar loss at the current
+            parameters. Each is called exactly once, at construction.
+        weights: weight of each batch loss (default: equal weights summing to one, i.e. the
+            loss of the union of equally sized batches).
+        reduce: applied to every gradient and product (e.g. a mean all-reduce under DDP so that
+            every rank holds the operator of the global batch).
+
+    Attributes:
+        num_matvecs: the number of Hessian-vector products computed so far.
+        loss: the weighted probe loss (detached).
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        losses: Sequence[Callable[[], Tensor]],
+        weights: Sequence[float] | None = None,
+        reduce: Reduce | None = None,
+    ) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise NoTrainableParametersError("the model has no parameters with requires_grad=True")
+        if not losses:
+            raise ValueError("HessianOperator needs at least one probe-batch loss closure")
+        if weights is None:
+            weights = [1.0 / len(losses)] * len(losses)
+        if len(weights) != len(losses):
+            raise ValueError(f"got {len(weights)} weights for {len(losses)} losses")
+        self.weights = list(weights)
+        self._reduce = reduce or (lambda t: t)
+        self.num_matvecs = 0
+        self.dim = sum(p.numel() for p in self.params)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self._graphs: list[tuple[Tensor, ...]] = []
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        grad_total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        for closure, w in zip(losses, self.weights):
+            loss = closure()
+            if loss.ndim != 0:
+                raise ValueError(f"a probe loss must be a scalar tensor, got shape {tuple(loss.shape)}")
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            grads = tuple(
+                g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)
+            )
+            self._graphs.append(grads)
+            loss_total += w * loss.detach().double()
+            grad_total += w * flatten([g.detach() for g in grads])
+        self.loss = float(self._reduce(loss_total))
+        self.gradient = self._reduce(grad_total)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """Return ``H v`` for a flat vector ``v`` (one counted Hessian-vector product)."""
+        if v.shape != (self.dim,):
+            raise ValueError(f"expected a vector of shape ({self.dim},), got {tuple(v.shape)}")
+        v_parts = unflatten(v.to(self.dtype), self.params)
+        out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        for grads, w in zip(self._graphs, self.weights):
+            differentiable = [(g, u, p) for g, u, p in zip(grads, v_parts, self.params) if g.requires_grad]
+            if not differentiable:
+                continue
+            gs, us, _ = zip(*differentiable)
+            hv = torch.autograd.grad(gs, self.params, grad_outputs=us, retain_graph=True, allow_unused=True)
+            out += w * flatten([h if h is not None else torch.zeros_like(p) for h, p in zip(hv, self.params)])
+        self.num_matvecs += 1
+        return self._reduce(out)
+
+    __call__ = matvec
+
+    def release(self) -> None:
+        """Free the cached first-order graphs."""
+        self._graphs = []

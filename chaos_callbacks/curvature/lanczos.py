@@ -1,0 +1,205 @@
+"""Extremal eigenvalues of a symmetric operator: Lanczos and power iteration.
+
+Lanczos (1950) with full reorthogonalisation builds an orthonormal Krylov basis
+``V_m = [v_1 … v_m]`` of ``K_m(H, v_1)`` and the tridiagonal ``T_m = V_mᵀ H V_m``. The eigenpairs
+``(θ_i, s_i)`` of ``T_m`` give Ritz pairs ``(θ_i, V_m s_i)`` whose residual norm is exactly
+``r_i = ‖H V_m s_i − θ_i V_m s_i‖ = β_m |s_{m,i}|`` (Parlett, *The Symmetric Eigenvalue
+Problem*, §13.1). An eigenvalue of ``H`` lies within ``r_i`` of ``θ_i`` (Krylov–Weinstein), and
+within ``r_i² / gap_i`` when the rest of the spectrum is at least ``gap_i`` away (Kato–Temple);
+iteration stops when ``min(r_i, r_i²/gap_i) ≤ tol · max_j |θ_j|`` for every requested Ritz value.
+
+The top ``k`` (largest algebraic) and the most negative eigenvalue come from the same basis.
+A warm start begins the Krylov space at the sum of the previous estimate's Ritz vectors, which
+makes a refresh after a few optimizer steps cost a handful of products.
+
+Power iteration is kept as a baseline only: it converges to the eigenvalue of largest
+*magnitude*, which may be negative, so its result is never "the top eigenvalue".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MatVec = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """Ritz estimates of the extremal spectrum.
+
+    Attributes:
+        eigenvalues: the ``k`` largest Ritz values, descending.
+        eigenvectors: their Ritz vectors, shape ``[k, n]``.
+        lambda_min: the smallest (most negative) Ritz value, or ``None`` if not requested.
+        min_vector: its Ritz vector.
+        error_bounds: certified error bound of each top-k value (same order).
+        num_matvecs: operator products used.
+        converged: whether every requested value met the tolerance within the budget.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    lambda_min: float | None
+    min_vector: Tensor | None
+    error_bounds: Tensor
+    num_matvecs: int
+    converged: bool
+
+
+def _start_vector(
+    n: int, init: Tensor | None, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    if init is not None:
+        init = init.reshape(-1, n).to(dtype=torch.float64, device=device)
+        init = init / init.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        v = init.sum(dim=0)
+        if v.norm() > 1e-8:
+            return (v / v.norm()).to(dtype)
+    v = torch.randn(n, generator=generator, dtype=torch.float64, device="cpu" if generator is None else generator.device)
+    v = v.to(device)
+    return (v / v.norm()).to(dtype)
+
+
+def _error_bounds(theta: Tensor, residuals: Tensor) -> Tensor:
+    """``min(r, r²/gap)`` with ``gap`` the distance to the nearest other Ritz value."""
+    if theta.numel() == 1:
+        return residuals
+    diff = (theta[:, None] - theta[None, :]).abs()
+    diff.fill_diagonal_(float("inf"))
+    gap = diff.min(dim=1).values
+    return torch.minimum(residuals, residuals**2 / gap.clamp_min(1e-300))
+
+
+def lanczos(
+    matvec: MatVec,
+    n: int,
+    k: int = 1,
+    *,
+    want_min: bool = True,
+    tol: float = 1e-3,
+    max_matvecs: int = 100,
+    init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> LanczosResult:
+    """Top-``k`` and most negative eigenpairs of a symmetric operator by Lanczos.
+
+    Args:
+        matvec: ``v ↦ H v`` on flat vectors of length ``n``.
+        n: dimension.
+        k: number of largest (algebraic) eigenvalues wanted.
+        want_min: also certify the most negative eigenvalue.
+        tol: relative tolerance; bounds are compared with ``tol · max |θ|``.
+        max_matvecs: budget of products; the result says whether it converged within it.
+        init: previous Ritz vectors ``[j, n]`` (or one vector) to warm-start from.
+        generator: random start when there is no ``init``.
+        dtype, device: of the Krylov vectors (products are computed in the operator's dtype).
+
+    Returns:
+        A :class:`LanczosResult`; Ritz values are computed in float64.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not 0 < tol < 1:
+        raise ValueError(f"tol must be in (0, 1), got {tol}")
+    if max_matvecs < k + 1:
+        raise ValueError(f"max_matvecs must be at least k + 1 = {k + 1}, got {max_matvecs}")
+    device = torch.device(device)
+    basis: list[Tensor] = [_start_vector(n, init, generator, dtype, device)]
+    alphas: list[float] = []
+    betas: list[float] = []
+    max_steps = min(max_matvecs, n)
+    theta = s = None
+    bounds = torch.empty(0, dtype=torch.float64)
+    converged = False
+    for step in range(max_steps):
+        w = matvec(basis[-1]).to(dtype)
+        alphas.append(float(torch.dot(w.double(), basis[-1].double())))
+        V = torch.stack(basis)
+        for _ in range(2):  # classical Gram-Schmidt, twice (full reorthogonalisation)
+            w = w - V.T @ (V @ w)
+        beta = float(w.double().norm())
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            T += torch.diag(off, 1) + torch.diag(off, -1)
+        theta, s = torch.linalg.eigh(T)  # ascending
+        residuals = beta * s[-1, :].abs()
+        bounds_all = _error_bounds(theta, residuals)
+        scale = float(theta.abs().max())
+        wanted = list(range(len(alphas) - 1, max(len(alphas) - 1 - k, -1), -1))
+        if want_min:
+            wanted.append(0)
+        bounds = bounds_all[wanted[:k]]
+        invariant = beta <= 1e-10 * max(scale, 1e-30)
+        if len(alphas) >= min(k + 1, n) and (invariant or bool((bounds_all[wanted] <= tol * scale).all())):
+            converged = True
+            break
+        if invariant or step == max_steps - 1:
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    V = torch.stack(basis[: len(alphas)])
+    kk = min(k, len(alphas))
+    top_idx = torch.arange(len(alphas) - 1, len(alphas) - 1 - kk, -1)
+    vecs = (s[:, top_idx].T.to(dtype) @ V) if theta is not None else V[:0]
+    lam_min = float(theta[0]) if want_min else None
+    min_vec = (s[:, 0].to(dtype) @ V) if want_min else None
+    return LanczosResult(
+        eigenvalues=theta[top_idx],
+        eigenvectors=vecs,
+        lambda_min=lam_min,
+        min_vector=min_vec,
+        error_bounds=bounds[:kk],
+        num_matvecs=len(alphas),
+        converged=converged or len(alphas) == n,
+    )
+
+
+@dataclass(frozen=True)
+class PowerResult:
+    """Dominant (largest-magnitude) eigenpair: ``eigenvalue`` may be negative."""
+
+    eigenvalue: float
+    eigenvector: Tensor
+    num_matvecs: int
+    converged: bool
+
+
+def power_iteration(
+    matvec: MatVec,
+    n: int,
+    *,
+    tol: float = 1e-3,
+    max_matvecs: int = 100,
+    init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> PowerResult:
+    """Power iteration ``v ← Hv/‖Hv‖`` with Rayleigh quotient ``vᵀHv``.
+
+    Converges to the eigenvalue of largest **magnitude** (von Mises 1929), at rate
+    ``|λ_2/λ_1|`` per product; it is a baseline, not an estimator of the top eigenvalue.
+    Stops when the Rayleigh quotient changes by less than ``tol`` relative.
+    """
+    if max_matvecs < 1:
+        raise ValueError(f"max_matvecs must be >= 1, got {max_matvecs}")
+    v = _start_vector(n, init, generator, dtype, torch.device(device))
+    rayleigh = float("nan")
+    for i in range(max_matvecs):
+        w = matvec(v).to(dtype)
+        new = float(torch.dot(w.double(), v.double()))
+        norm = float(w.double().norm())
+        if norm == 0.0:
+            return PowerResult(0.0, v, i + 1, True)
+        v = w / norm
+        if abs(new - rayleigh) <= tol * abs(new):
+            return PowerResult(new, v, i + 1, True)
+        rayleigh = new
+    return PowerResult(rayleigh, v, max_matvecs, False)
