@@ -1,6 +1,28 @@
-"""chaos_callbacks: chaos-theory and statistical-physics instruments for PyTorch Lightning."""
+"""chaos_callbacks: chaos-theory and statistical-physics instruments for PyTorch Lightning.
 
-from chaos_callbacks.callbacks import HessianSpectrumMonitor
+The callbacks are imported lazily, so ``chaos_callbacks.curvature`` and
+``chaos_callbacks.dynamics`` (pure math) never load Lightning.
+"""
 
-__all__ = ["HessianSpectrumMonitor"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_CALLBACKS = {
+    "HessianSpectrumMonitor": "chaos_callbacks.callbacks.hessian_spectrum",
+}
+
+__all__ = sorted(_CALLBACKS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLBACKS:
+        return getattr(importlib.import_module(_CALLBACKS[name]), name)
+    raise AttributeError(f"module 'chaos_callbacks' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_CALLBACKS])
