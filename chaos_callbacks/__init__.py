@@ -12,6 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _CALLBACKS = {
+    "ChaosSummary": "chaos_callbacks.callbacks.summary",
     "HessianSpectrumMonitor": "chaos_callbacks.callbacks.hessian_spectrum",
 }
 

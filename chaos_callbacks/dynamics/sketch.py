@@ -1,0 +1,238 @@
+"""Memory-bounded projections of a model's parameter vector.
+
+Recording the weight trajectory θ_t ∈ R^n of a network for anomalous-diffusion statistics
+(Chen, Gong et al., "Anomalous diffusion dynamics of learning in deep neural networks",
+arXiv 2009.10588) needs every step's vector. A projection P: R^n → R^d with d ≪ n keeps a
+window of W steps in 8·W·d bytes instead of 8·W·n, as long as it preserves squared distances
+||P(a) − P(b)||² ≈ ||a − b||², the only quantity the statistics use.
+
+Two projectors share the :class:`ParameterProjector` protocol:
+
+* :class:`CountSketch` — a sparse Johnson–Lindenstrauss map (Charikar, Chen, Farach-Colton,
+  "Finding frequent items in data streams", ICALP 2002; Thorup & Zhang, "Tabulation-based
+  5-independent hashing with applications to linear probing and second moment estimation",
+  SIAM J. Comput. 2012). O(n) work per step, deterministic from ``(num_params, dim, seed)``.
+* :class:`ExactProjection` — the identity, for small models, with a cap on ``num_params``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CountSketch",
+    "ExactProjection",
+    "ParameterProjector",
+    "projector_from_state_dict",
+]
+
+_CHUNK_ELEMENTS = 1 << 22
+"""Largest slice of one parameter tensor converted to float64 at a time (32 MiB)."""
+
+
+class ParameterProjector(Protocol):
+    """What a window recorder needs from a projection of the parameter list."""
+
+    num_params: int
+    dim: int
+
+    def project(self, params: Sequence[Tensor]) -> Tensor:
+        """Map the parameter tensors (in a fixed order) to a float64 vector of length ``dim``."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The few integers that rebuild this projector exactly."""
+        ...
+
+    def to(self, device: torch.device | str) -> "ParameterProjector":
+        """Move any lookup tables to ``device``; returns ``self``."""
+        ...
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "ParameterProjector":
+        """Rebuild the identical projector from :meth:`state_dict`."""
+        ...
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+
+
+def _check_param_count(params: Sequence[Tensor], num_params: int) -> None:
+    total = sum(p.numel() for p in params)
+    if total != num_params:
+        raise ValueError(
+            f"the parameter tensors hold {total} elements in total; this projector was built "
+            f"for num_params={num_params}"
+        )
+
+
+class CountSketch:
+    """Sparse Johnson–Lindenstrauss projection (CountSketch) of a parameter list.
+
+    With a bucket hash h: [n] → [d] and a sign hash s: [n] → {±1}, both drawn uniformly and
+    independently per coordinate,
+
+        y_j = Σ_{i : h(i) = j} s_i x_i,         j = 0, …, d − 1.
+
+    The squared norm is unbiased and its variance is known (Thorup & Zhang 2012, §1.2):
+
+        E ||S x||² = ||x||²,
+        Var ||S x||² = (2 / d) (||x||⁴ − Σ_i x_i⁴),
+
+    so the relative error of a squared distance ||S(a − b)||² is at most sqrt(2 / d) in
+    standard deviation, and ≈ sqrt(2 / d) when a − b is spread over many coordinates.
+
+    The hashes are drawn with a CPU ``torch.Generator`` seeded by ``seed``, so the map is a
+    pure function of ``(num_params, dim, seed)`` on every device and only those three
+    integers go into a checkpoint. The table stores the bucket and sign of each coordinate in
+    one int64 code ``h(i) + d·[s_i < 0]`` (8 bytes per parameter); ``project`` scatter-adds
+    each parameter slice into 2d float64 bins and returns the first half minus the second,
+    so the per-step cost is O(n) with no sign multiplication and no concatenated copy of the
+    parameters. On CUDA the scatter order, hence the last bits of the float64 sums, may vary.
+
+    Args:
+        num_params: total number of elements n over the parameter tensors.
+        dim: sketch dimension d.
+        seed: seed of the hash functions.
+    """
+
+    def __init__(self, num_params: int, dim: int, seed: int = 0) -> None:
+        _check_positive_int("num_params", num_params)
+        _check_positive_int("dim", dim)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int; got {seed!r}")
+        self.num_params = num_params
+        self.dim = dim
+        self.seed = seed
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        buckets = torch.randint(0, dim, (num_params,), generator=generator, dtype=torch.int64)
+        negative = torch.randint(0, 2, (num_params,), generator=generator, dtype=torch.int64)
+        self._codes = buckets.add_(negative.mul_(dim))
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the hash table (follows the parameters passed to ``project``)."""
+        return self._codes.device
+
+    def to(self, device: torch.device | str) -> "CountSketch":
+        """Move the hash table to ``device``; returns ``self``."""
+        self._codes = self._codes.to(device)
+        return self
+
+    @torch.no_grad()
+    def project(self, params: Sequence[Tensor]) -> Tensor:
+        """Sketch the concatenation of the flattened ``params`` (in the given order).
+
+        The i-th element overall (tensor offsets accumulate along the list) uses hash entry
+        i, exactly as if the tensors were concatenated. The hash table moves to the
+        parameters' device on first use.
+
+        Returns:
+            float64 tensor of shape ``(dim,)`` on the parameters' device.
+        """
+        params = list(params)
+        if not params:
+            raise ValueError("params must be a non-empty sequence of tensors")
+        _check_param_count(params, self.num_params)
+        device = params[0].device
+        if self._codes.device != device:
+            self.to(device)
+        bins = torch.zeros(2 * self.dim, dtype=torch.float64, device=device)
+        offset = 0
+        for p in params:
+            if p.device != device:
+                raise ValueError(
+                    f"all parameter tensors must be on one device; got {device} and {p.device}"
+                )
+            flat = p.detach().reshape(-1)
+            for start in range(0, flat.numel(), _CHUNK_ELEMENTS):
+                piece = flat[start : start + _CHUNK_ELEMENTS]
+                codes = self._codes[offset + start : offset + start + piece.numel()]
+                bins.scatter_add_(0, codes, piece.to(torch.float64))
+            offset += flat.numel()
+        return bins[: self.dim] - bins[self.dim :]
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"kind": "count_sketch", "num_params", "dim", "seed"}``."""
+        return {
+            "kind": "count_sketch",
+            "num_params": self.num_params,
+            "dim": self.dim,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "CountSketch":
+        """Rebuild the identical sketch from :meth:`state_dict` (on the CPU)."""
+        if state.get("kind") != "count_sketch":
+            raise ValueError(
+                f"expected a state with kind 'count_sketch'; got {state.get('kind')!r}"
+            )
+        return cls(int(state["num_params"]), int(state["dim"]), int(state["seed"]))
+
+
+class ExactProjection:
+    """Identity "sketch": the flattened parameters themselves, in float64.
+
+    For small models the exact trajectory is affordable: a window of W steps costs
+    8·W·num_params bytes. ``max_params`` caps that cost; beyond it use :class:`CountSketch`.
+
+    Args:
+        num_params: total number of elements over the parameter tensors.
+        max_params: largest ``num_params`` accepted (default 2**20, i.e. 8 MiB per step).
+    """
+
+    def __init__(self, num_params: int, max_params: int = 1 << 20) -> None:
+        _check_positive_int("num_params", num_params)
+        _check_positive_int("max_params", max_params)
+        if num_params > max_params:
+            raise ValueError(
+                f"ExactProjection stores all num_params={num_params} float64 values per step, "
+                f"above the cap max_params={max_params}; raise max_params or use CountSketch"
+            )
+        self.num_params = num_params
+        self.dim = num_params
+        self.max_params = max_params
+
+    def to(self, device: torch.device | str) -> "ExactProjection":
+        """No tables to move; returns ``self``."""
+        return self
+
+    @torch.no_grad()
+    def project(self, params: Sequence[Tensor]) -> Tensor:
+        """The flattened ``params`` concatenated in order, as float64 of shape ``(dim,)``."""
+        params = list(params)
+        if not params:
+            raise ValueError("params must be a non-empty sequence of tensors")
+        _check_param_count(params, self.num_params)
+        out = torch.empty(self.dim, dtype=torch.float64, device=params[0].device)
+        offset = 0
+        for p in params:
+            out[offset : offset + p.numel()] = p.detach().reshape(-1)
+            offset += p.numel()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"kind": "exact", "num_params", "max_params"}``."""
+        return {"kind": "exact", "num_params": self.num_params, "max_params": self.max_params}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "ExactProjection":
+        """Rebuild from :meth:`state_dict`."""
+        if state.get("kind") != "exact":
+            raise ValueError(f"expected a state with kind 'exact'; got {state.get('kind')!r}")
+        return cls(int(state["num_params"]), int(state["max_params"]))
+
+
+def projector_from_state_dict(state: dict[str, Any]) -> CountSketch | ExactProjection:
+    """Rebuild whichever projector wrote ``state`` (dispatch on ``state["kind"]``)."""
+    kinds = {"count_sketch": CountSketch, "exact": ExactProjection}
+    kind = state.get("kind")
+    if kind not in kinds:
+        raise ValueError(f"state['kind'] must be one of {sorted(kinds)}; got {kind!r}")
+    return kinds[kind].from_state_dict(state)
