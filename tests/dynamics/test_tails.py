@@ -1,0 +1,302 @@
+"""Tests of chaos_callbacks.dynamics.tails against known answers (fixed seeds, scipy references)."""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import lru_cache
+
+import numpy as np
+import pytest
+from scipy import integrate, special, stats
+
+from chaos_callbacks.dynamics import tails
+from chaos_callbacks.dynamics.tails import (
+    StableFit,
+    analyse_tails,
+    fit_symmetric_stable,
+    hill_estimator,
+    stable_vs_gaussian,
+    symmetric_stable_logpdf,
+)
+
+SEEDS = range(5)
+N = 5000
+ALPHAS = (1.1, 1.3, 1.5, 1.7, 1.9)
+
+
+@lru_cache(maxsize=None)
+def stable_sample(alpha: float, scale: float, seed: int, n: int = N) -> np.ndarray:
+    """Symmetric alpha-stable sample S(alpha, 0, scale, 0) from scipy (Chambers-Mallows-Stuck)."""
+    x = stats.levy_stable.rvs(alpha, 0.0, scale=scale, size=n, random_state=seed)
+    x.setflags(write=False)
+    return x
+
+
+def pareto_sample(tail_index: float, seed: int, n: int) -> np.ndarray:
+    """Two-sided Pareto: P(|X| > x) = x^{-tail_index} for x >= 1, random signs."""
+    rng = np.random.default_rng(seed)
+    return (rng.pareto(tail_index, n) + 1.0) * rng.choice([-1.0, 1.0], n)
+
+
+# --------------------------------------------------------------------------------------------
+# log-density
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha", [0.5, 0.8, 1.0, 1.3, 1.5, 1.7, 1.9, 1.99, 2.0])
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_logpdf_matches_scipy_body_and_tails(alpha: float, scale: float) -> None:
+    z = np.concatenate([np.linspace(-10, 10, 41), [-150.0, 20, 50, 99, 101, 300, 1e3, 1e4, 1e5]])
+    if alpha == 2.0:
+        z = z[np.abs(z) <= 30]  # scipy underflows to log(0) further out
+    got = symmetric_stable_logpdf(z * scale, alpha, scale)
+    ref = stats.levy_stable.logpdf(z * scale, alpha, 0.0, scale=scale)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)  # log error 1e-4 = 1e-4 relative
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 1.5, 1.9, 2.0])
+def test_logpdf_integrates_to_one(alpha: float) -> None:
+    def density(v: float) -> float:
+        return math.exp(symmetric_stable_logpdf(np.array([v]), alpha, 1.0)[0])
+
+    half, _ = integrate.quad(density, 0, np.inf, limit=500)
+    assert 2 * half == pytest.approx(1.0, abs=1e-6)
+
+
+def test_logpdf_closed_forms() -> None:
+    x = np.array([-1e4, -30.0, -2.5, 0.0, 0.3, 7.0, 1e6])
+    scale = 2e-3
+    # alpha = 1: Cauchy density 1 / (pi scale (1 + (x/scale)^2))
+    cauchy = -np.log(np.pi * scale * (1 + x**2))
+    np.testing.assert_allclose(symmetric_stable_logpdf(x * scale, 1.0, scale), cauchy, atol=1e-7)
+    # alpha = 2: Gaussian with variance 2 scale^2
+    gauss = -0.25 * x**2 - np.log(2 * np.sqrt(np.pi) * scale)
+    np.testing.assert_allclose(symmetric_stable_logpdf(x * scale, 2.0, scale), gauss, rtol=1e-12)
+    # x = 0: f(0) = Gamma(1 + 1/alpha) / pi
+    for alpha in (0.5, 1.3, 1.8):
+        got = symmetric_stable_logpdf(np.zeros(1), alpha)[0]
+        assert got == pytest.approx(math.log(special.gamma(1 + 1 / alpha) / math.pi), abs=1e-7)
+
+
+@pytest.mark.parametrize("alpha", [0.6, 1.2, 1.5, 1.95])
+def test_logpdf_tail_is_pareto(alpha: float) -> None:
+    """f(x) = c x^{-1-alpha} (1 + r x^{-alpha} + O(x^{-2 alpha})) as x -> inf, with
+    c = alpha Gamma(alpha) sin(pi alpha / 2) / pi and r = -Gamma(2 alpha + 1) cos(pi alpha / 2)
+    / Gamma(alpha + 1) (Bergstrom's expansion)."""
+    x = np.array([1e3, 1e6, 1e9])
+    pareto = math.log(alpha * special.gamma(alpha) * math.sin(math.pi * alpha / 2) / math.pi)
+    pareto -= (1 + alpha) * np.log(x)
+    r = -special.gamma(2 * alpha + 1) * math.cos(math.pi * alpha / 2) / special.gamma(alpha + 1)
+    error = np.abs(symmetric_stable_logpdf(x, alpha) - pareto - np.log1p(r * x**-alpha))
+    assert np.all(error <= 1e-12 + 200 * x ** (-2 * alpha))
+    # and monotone decreasing through the table / series junction at |x| = 100
+    y = symmetric_stable_logpdf(np.linspace(90, 110, 201), alpha)
+    assert np.all(np.diff(y) < 0)
+
+
+def test_logpdf_is_fast() -> None:
+    x = stable_sample(1.5, 1.0, 0)
+    symmetric_stable_logpdf(x, 1.37, 1.0)  # build the table for this alpha
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        symmetric_stable_logpdf(x, 1.37, 1.0)
+        times.append(time.perf_counter() - start)
+    assert np.median(times) < 0.01  # ~0.5 ms measured
+
+
+# --------------------------------------------------------------------------------------------
+# quantile table and fits
+# --------------------------------------------------------------------------------------------
+def test_quantile_table_matches_scipy_and_closed_forms() -> None:
+    for alpha in (0.5, 0.76, 1.3, 1.9):
+        i = int(np.argmin(np.abs(tails._QUANTILE_ALPHAS - alpha)))
+        q75, q95 = stats.levy_stable.ppf([0.75, 0.95], alpha, 0.0)
+        assert tails._Q75[i] == pytest.approx(q75, rel=1e-8)
+        assert tails._Q95[i] == pytest.approx(q95, rel=1e-8)
+    # Cauchy: q_p = tan(pi (p - 1/2)); Gaussian N(0, 2): q_p = sqrt(2) Phi^{-1}(p)
+    i1 = int(np.argmin(np.abs(tails._QUANTILE_ALPHAS - 1.0)))
+    assert tails._Q75[i1] == pytest.approx(1.0, rel=1e-9)
+    assert tails._Q95[i1] == pytest.approx(math.tan(0.45 * math.pi), rel=1e-9)
+    assert tails._Q75[-1] == pytest.approx(math.sqrt(2) * stats.norm.ppf(0.75), rel=1e-9)
+    assert tails._Q95[-1] == pytest.approx(math.sqrt(2) * stats.norm.ppf(0.95), rel=1e-9)
+    assert np.all(np.diff(tails._NU_TABLE) < 0)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_quantile_fit_recovers_alpha_and_scale(alpha: float, scale: float) -> None:
+    fits = [fit_symmetric_stable(stable_sample(alpha, scale, s)) for s in SEEDS]
+    assert all(f.method == "quantile" and f.n == N for f in fits)
+    assert abs(np.median([f.alpha for f in fits]) - alpha) < 0.05
+    assert np.median([f.scale for f in fits]) == pytest.approx(scale, rel=0.03)
+    assert abs(np.median([f.loc for f in fits])) < 0.05 * scale
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_mle_fit_recovers_alpha_and_scale(alpha: float) -> None:
+    fits = [fit_symmetric_stable(stable_sample(alpha, 1e-3, s), method="mle") for s in SEEDS]
+    assert all(f.method == "mle" and f.n == N for f in fits)
+    assert abs(np.median([f.alpha for f in fits]) - alpha) < 0.05
+    assert np.median([f.scale for f in fits]) == pytest.approx(1e-3, rel=0.03)
+
+
+def test_mle_maximises_the_likelihood() -> None:
+    """The MLE beats the quantile start and its own neighbours in mean log-likelihood."""
+    x = stable_sample(1.5, 1.0, 0)
+    q = fit_symmetric_stable(x)
+    m = fit_symmetric_stable(x, method="mle")
+
+    def mean_loglik(alpha: float, scale: float) -> float:
+        return float(np.mean(symmetric_stable_logpdf(x - m.loc, alpha, scale)))
+
+    best = mean_loglik(m.alpha, m.scale)
+    assert best >= mean_loglik(q.alpha, q.scale)
+    for d_alpha, d_scale in [(0.01, 1), (-0.01, 1), (0, 1.01), (0, 0.99)]:
+        assert best >= mean_loglik(m.alpha + d_alpha, m.scale * d_scale)
+
+
+def test_mle_subsamples_reproducibly() -> None:
+    x = stable_sample(1.7, 1.0, 1)
+    a = fit_symmetric_stable(x, method="mle", max_samples=1000, seed=3)
+    b = fit_symmetric_stable(x, method="mle", max_samples=1000, seed=3)
+    assert a == b and a.n == 1000
+    assert abs(a.alpha - 1.7) < 0.15
+
+
+def test_quantile_fit_is_fast() -> None:
+    x = stable_sample(1.5, 1.0, 2)
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        fit_symmetric_stable(x)
+        times.append(time.perf_counter() - start)
+    assert np.median(times) < 0.02  # ~0.2 ms measured
+
+
+def test_light_tails_clip_to_gaussian() -> None:
+    uniform = np.random.default_rng(0).uniform(-1, 1, N)  # nu = 0.9 / 0.5 = 1.8 < 2.4387
+    assert fit_symmetric_stable(uniform).alpha == 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# Gaussian vs heavy-tailed samples: fit and Vuong test
+# --------------------------------------------------------------------------------------------
+def gaussian_sample(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0.3, 2e-3, N)
+
+
+def test_gaussian_samples_give_alpha_two_and_no_stable_preference() -> None:
+    quantile_alphas = []
+    for seed in SEEDS:
+        x = gaussian_sample(seed)
+        quantile_alphas.append(fit_symmetric_stable(x).alpha)
+        mle = fit_symmetric_stable(x, method="mle")
+        assert mle.alpha >= 1.95
+        assert mle.scale == pytest.approx(2e-3 / math.sqrt(2), rel=0.03)  # variance 2 scale^2
+        assert mle.loc == pytest.approx(0.3, abs=1e-4)
+        test = stable_vs_gaussian(x, mle)
+        assert test.gaussian_sigma == pytest.approx(2e-3, rel=0.03)
+        assert test.llr <= 1e-3
+        assert test.vuong_statistic < 0 or test.p_value > 0.05
+    assert np.median(quantile_alphas) >= 1.95
+
+
+def test_heavy_tails_strongly_favour_stable() -> None:
+    for seed in SEEDS:
+        x = stable_sample(1.5, 1e-3, seed)
+        test = stable_vs_gaussian(x, fit_symmetric_stable(x))
+        assert test.llr > 0.3
+        assert test.total_llr == pytest.approx(N * test.llr)
+        assert test.vuong_statistic > 0
+        assert test.p_value < 1e-3
+
+
+def test_vuong_statistic_matches_direct_formula() -> None:
+    x = stable_sample(1.0, 1.0, 0)
+    fit = StableFit(alpha=1.0, scale=1.0, loc=0.0, method="quantile", n=N)
+    ratios = stats.cauchy.logpdf(x) - stats.norm.logpdf(x, np.mean(x), np.std(x))
+    vuong = math.sqrt(N) * ratios.mean() / ratios.std()
+    test = stable_vs_gaussian(x, fit)
+    assert test.llr == pytest.approx(ratios.mean(), rel=1e-6)
+    assert test.vuong_statistic == pytest.approx(vuong, rel=1e-6)
+    assert test.p_value == pytest.approx(2 * stats.norm.sf(abs(vuong)), rel=1e-6)
+
+
+def test_identical_models_give_zero_statistic() -> None:
+    """alpha = 2 with variance 2 scale^2 equal to the Gaussian MLE: every l_i vanishes."""
+    x = gaussian_sample(0)
+    sigma = float(np.std(x))
+    fit = StableFit(alpha=2.0, scale=sigma / math.sqrt(2), loc=float(np.mean(x)), method="mle", n=N)
+    test = stable_vs_gaussian(x, fit)
+    assert abs(test.llr) < 1e-9
+    assert abs(test.vuong_statistic) < 1e-3 and test.p_value > 0.99
+
+
+# --------------------------------------------------------------------------------------------
+# Hill estimator
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tail_index", [1.5, 3.0])
+def test_hill_recovers_pareto_tail_index(tail_index: float) -> None:
+    default_k = [hill_estimator(pareto_sample(tail_index, s, 20_000)) for s in SEEDS]
+    assert np.median(default_k) == pytest.approx(tail_index, rel=0.1)
+    large_k = [hill_estimator(pareto_sample(tail_index, s, 20_000), k=2000) for s in SEEDS]
+    assert np.median(large_k) == pytest.approx(tail_index, rel=0.05)
+
+
+def test_hill_formula_on_known_order_statistics() -> None:
+    # |x| = exp(j / 10), j = 0..59 with alternating signs; k = 4: excess logs 0.4, 0.3, 0.2, 0.1
+    x = np.exp(np.arange(60) / 10) * (-1.0) ** np.arange(60)
+    assert hill_estimator(x, k=4) == pytest.approx(4.0, rel=1e-12)
+    # default k = ceil(sqrt(60)) = 8: mean excess (0.8 + ... + 0.1) / 8 = 0.45
+    assert hill_estimator(x) == pytest.approx(1 / 0.45, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# analyse_tails and bad input
+# --------------------------------------------------------------------------------------------
+def test_analyse_tails_summary_and_nonfinite_dropping() -> None:
+    x = stable_sample(1.5, 1e-3, 0)
+    dirty = np.concatenate([x[:2500], [np.nan, np.inf, -np.inf], x[2500:]]).reshape(-1, 1)
+    summary = analyse_tails(dirty)
+    fit = fit_symmetric_stable(x)
+    test = stable_vs_gaussian(x, fit)
+    assert summary.n == N
+    assert summary.alpha == fit.alpha and summary.scale == fit.scale
+    assert summary.llr == test.llr and summary.p_value == test.p_value
+    assert summary.vuong_statistic == test.vuong_statistic
+    assert summary.hill == hill_estimator(x)
+    assert analyse_tails(x, method="mle").alpha == fit_symmetric_stable(x, method="mle").alpha
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.ones(49) * np.arange(49),  # too few samples
+        np.concatenate([np.arange(40.0), np.full(100, np.nan)]),  # too few finite samples
+        np.zeros(1000),  # all zero
+        np.concatenate([np.zeros(800), np.arange(-100, 100.0)]),  # zero interquartile range
+    ],
+)
+def test_bad_samples_raise(bad: np.ndarray) -> None:
+    with pytest.raises(ValueError):
+        analyse_tails(bad)
+
+
+def test_bad_arguments_raise() -> None:
+    x = stable_sample(1.5, 1.0, 0)
+    with pytest.raises(ValueError, match="alpha"):
+        symmetric_stable_logpdf(x, 2.1)
+    with pytest.raises(ValueError, match="alpha"):
+        symmetric_stable_logpdf(x, 0.4)
+    with pytest.raises(ValueError, match="scale"):
+        symmetric_stable_logpdf(x, 1.5, 0.0)
+    with pytest.raises(ValueError, match="method"):
+        fit_symmetric_stable(x, method="moments")
+    with pytest.raises(ValueError, match="max_samples"):
+        fit_symmetric_stable(x, method="mle", max_samples=10)
+    with pytest.raises(ValueError, match="max_iter"):
+        fit_symmetric_stable(x, method="mle", max_iter=0)
+    with pytest.raises(ValueError, match="k must"):
+        hill_estimator(x, k=N)
+    with pytest.raises(ValueError, match="zero"):
+        hill_estimator(np.concatenate([np.zeros(4000), x[:1000]]), k=1500)
