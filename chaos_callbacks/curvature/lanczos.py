@@ -140,8 +140,16 @@ def lanczos(
         if len(alphas) >= min(k + 1, n) and (invariant or bool((bounds_all[wanted] <= tol * scale).all())):
             converged = True
             break
-        if invariant or step == max_steps - 1:
+        if step == max_steps - 1 or (invariant and scale == 0):  # a zero operator: nothing to certify
             break
+        if invariant:  # e.g. a warm start on an eigenvector: go on from a random direction orthogonal to
+            # the basis, uncoupled (β = 0), so that the wanted Ritz values can still be certified
+            w = _start_vector(n, None, generator, dtype, device)
+            for _ in range(2):
+                w = w - V.T @ (V @ w)
+            betas.append(0.0)
+            basis.append(w / w.norm())
+            continue
         betas.append(beta)
         basis.append(w / beta)
     V = torch.stack(basis[: len(alphas)])

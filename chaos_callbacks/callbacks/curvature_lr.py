@@ -1,0 +1,380 @@
+"""``CurvatureLRScheduler``: a learning-rate scheduler driven by live curvature estimates."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities.types import LRSchedulerConfig
+from torch import Tensor
+from torch.optim import SGD, Adam, AdamW, Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from chaos_callbacks.callbacks import _plumbing as plumb
+from chaos_callbacks.curvature import HessianOperator, NoTrainableParametersError, gradient_weighted_curvature, lanczos
+from chaos_callbacks.curvature.lr_rules import (
+    adam_preconditioner,
+    adam_threshold,
+    clamp_lr,
+    coordinate_scaling,
+    curvature_problem,
+    drift_adjusted_lr,
+    edge_of_stability_lr,
+    ema,
+    quasi_newton_lr,
+    scaled_operator,
+    sgd_threshold,
+)
+
+Mode = Literal["quasi_newton", "edge_of_stability", "dal"]
+
+
+class HeldLR(LRScheduler):
+    """A scheduler whose rates are set from outside (:meth:`hold`) and held between settings.
+
+    ``get_lr`` returns the held rates, so the ``scheduler.step()`` Lightning runs after every
+    optimizer step leaves them unchanged. Registered in ``trainer.strategy.lr_scheduler_configs``
+    it is checkpointed with the trainer's schedulers and reported by ``LearningRateMonitor``.
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.held = [float(g["lr"]) for g in optimizer.param_groups]
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return list(self.held)
+
+    def hold(self, lrs: list[float]) -> None:
+        """Set the optimizer's rates now (the next optimizer step uses them) and keep them."""
+        self.held = list(lrs)
+        for group, lr in zip(self.optimizer.param_groups, self.held):
+            group["lr"] = lr
+        self._last_lr = list(self.held)
+
+
+class CurvatureLRScheduler(Callback):
+    """Set the learning rate from the curvature of the loss, estimated live during training.
+
+    Every ``every_n_steps`` optimizer steps, before the step and on the weights it uses, the
+    curvature ``c`` of the probe loss is estimated by exact Hessian-vector products, smoothed
+    (``c̄ ← ema · c̄ + (1 − ema) · c``) and turned into the learning rate ``η`` of that step:
+
+    - ``mode="quasi_newton"`` (default): ``η = scale / λ_max`` (Sasdelli et al., OpenReview
+      37Fh1MiR5Ze), ``λ_max`` by warm-started Lanczos;
+    - ``mode="edge_of_stability"``: ``η = fraction · τ / λ_max`` with ``τ`` the optimizer's
+      stability threshold: ``2`` for SGD, ``(2 + 2β)/(1 − d)`` with heavy-ball momentum ``β`` and
+      dampening ``d``, ``(2 + 2β)/(1 + 2β)`` with Nesterov momentum; for Adam/AdamW
+      ``τ = (2 + 2β₁)/(1 − β₁)`` and ``λ_max`` is the *preconditioned* sharpness
+      ``λ_max(P⁻¹H)`` with ``P = (1 − β₁^{t+1}) diag(sqrt(v̂) + ε)``, computed as the top
+      eigenvalue of the symmetric ``P^{-1/2} H P^{-1/2}`` (Cohen et al. 2022, arXiv 2207.14484);
+    - ``mode="dal"``: the drift-adjusted rate ``η = min(2 / v^power, max_lr)`` with
+      ``v = ‖Hg‖/‖g‖`` (Rosca et al., arXiv 2302.01952), one HVP per estimate.
+
+    ``η`` is then clipped to ``[min_lr, max_lr]``. A curvature that cannot give a rate
+    (``λ_max ≤ 0``, NaN/inf, ``‖g‖ → 0``, Lanczos not converged) is skipped: the previous rate is
+    held, the skip counted (``curvature_lr/skipped``) and warned once per kind, so the rate is
+    always finite, positive and within the bounds. For the first ``warmup_steps`` steps the
+    optimizer keeps its own rate, unclipped (estimates still run and prime the smoothing); the
+    first step after them takes the rate of the latest smoothed curvature.
+
+    **Scheduler.** At fit start a :class:`HeldLR` scheduler on the optimizer is registered in
+    ``trainer.strategy.lr_scheduler_configs`` (``interval="step"``): ``LearningRateMonitor``
+    reports its rate (this callback moves itself ahead of any ``LearningRateMonitor`` so the
+    monitor logs the rate the step uses), and its state is checkpointed and restored with the
+    trainer's schedulers. A scheduler configured in ``configure_optimizers`` on the same optimizer
+    is refused with a ``ValueError`` at fit start (both would write the rate).
+
+    **Parameter groups.** Group ``i`` with base rate ``b_i`` (at fit start) gets ``η · b_i/max b``;
+    ``η`` is the rate of the group(s) with the largest base rate. The update is then
+    ``θ ← θ − η R g`` with ``R = diag(b_i/max b)``, whose stability is governed by
+    ``R^{1/2} H R^{1/2}`` — the curvature used (the Hessian itself when all groups share one rate;
+    for Adam ``R`` multiplies ``P⁻¹``). Parameters outside the optimizer are not part of it.
+
+    **Optimizers.** ``torch.optim.SGD`` in every mode; Adam/AdamW only in ``edge_of_stability``
+    mode (the other modes give an SGD step size from the raw Hessian, meaningless for a
+    preconditioned step); anything else is refused at fit start. Weight decay is not part of the
+    curvature. Adam has no preconditioner before its first step, so the estimate due at step 0
+    is left out and the optimizer's own rate holds until the next one.
+
+    Logs ``curvature_lr/lr`` (``η``), ``curvature_lr/lambda`` (the smoothed curvature in use) and
+    ``curvature_lr/skipped`` at every estimate step and when warm-up ends.
+
+    Args:
+        every_n_steps: cadence in optimizer steps (estimates run when ``global_step`` is a
+            multiple of it, including step 0); the rate is held in between.
+        mode: ``"quasi_newton"``, ``"edge_of_stability"`` or ``"dal"``.
+        scale: ``c`` of the quasi-Newton rate ``c / λ_max`` (> 0).
+        fraction: fraction of the stability threshold in ``edge_of_stability`` mode (> 0).
+        power: ``p ∈ [0, 1]`` of the drift-adjusted rate.
+        ema: smoothing of the curvature, in ``[0, 1)`` (0: none).
+        warmup_steps: steps at the optimizer's own rate before the curvature rate takes over.
+        min_lr, max_lr: bounds of ``η`` (``max_lr=None``: no upper bound).
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's own ``training_step``.
+        probe: ``"batch"`` (the current training batch) or an int ``N`` (a fixed probe set of the
+            first ``N`` training examples drawn at fit start).
+        tol: relative tolerance of the Lanczos ``λ_max``.
+        max_hvps: budget of Hessian-vector products per Lanczos estimate.
+        warm_start: start each Lanczos run from the previous top Ritz vector.
+        seed: seed of the random Lanczos start vectors (same on every rank).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        mode: Mode = "quasi_newton",
+        scale: float = 1.0,
+        fraction: float = 0.9,
+        power: float = 1.0,
+        ema: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr: float = 0.0,
+        max_lr: float | None = None,
+        loss_fn: plumb.LossFn | None = None,
+        probe: Literal["batch"] | int = "batch",
+        tol: float = 1e-2,
+        max_hvps: int = 50,
+        warm_start: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps}")
+        if mode not in ("quasi_newton", "edge_of_stability", "dal"):
+            raise ValueError(f"mode must be 'quasi_newton', 'edge_of_stability' or 'dal', got {mode!r}")
+        if not scale > 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        if not fraction > 0:
+            raise ValueError(f"fraction must be positive, got {fraction}")
+        if not 0 <= power <= 1:
+            raise ValueError(f"power must be in [0, 1], got {power}")
+        if not 0 <= ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {ema}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0 <= min_lr < math.inf:
+            raise ValueError(f"min_lr must be finite and >= 0, got {min_lr}")
+        if max_lr is not None and not (0 < max_lr < math.inf and max_lr >= min_lr):
+            raise ValueError(f"max_lr must be finite, positive and >= min_lr={min_lr}, got {max_lr}")
+        if not (probe == "batch" or (isinstance(probe, int) and not isinstance(probe, bool) and probe > 0)):
+            raise ValueError(f"probe must be 'batch' or a positive number of examples, got {probe!r}")
+        if not 0 < tol < 1:
+            raise ValueError(f"tol must be in (0, 1), got {tol}")
+        if max_hvps < 2:
+            raise ValueError(f"max_hvps must be >= 2, got {max_hvps}")
+        self.every_n_steps = every_n_steps
+        self.mode = mode
+        self.scale = scale
+        self.fraction = fraction
+        self.power = power
+        self.ema = ema
+        self.warmup_steps = warmup_steps
+        self.min_lr = min_lr
+        self.max_lr = max_lr
+        self.loss_fn = loss_fn
+        self.probe = probe
+        self.tol = tol
+        self.max_hvps = max_hvps
+        self.warm_start = warm_start
+        self.seed = seed
+        self.scheduler: HeldLR | None = None
+        self._warn = plumb.WarnOnce(type(self).__name__)
+        self._ratios: list[float] = []
+        self._threshold = 2.0
+        self._eta: float | None = None
+        self._curvature: float | None = None
+        self._probe_batches: list[Any] | None = None
+        self._warm_vectors: Tensor | None = None
+        self._last_step = -1
+        self._num_estimates = 0
+        self.last_estimate: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, mode=self.mode, probe=self.probe)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        monitors = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, LearningRateMonitor)]
+        if monitors and monitors[0] < trainer.callbacks.index(self):
+            # both act in on_train_batch_start: run first so the monitor logs the rate the step uses
+            callbacks = [cb for cb in trainer.callbacks if cb is not self]
+            callbacks.insert(monitors[0], self)
+            trainer.callbacks = callbacks
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        name = type(self).__name__
+        plumb.check_loss_resolvable(pl_module, self.loss_fn, name)
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"{name} sets the rate of exactly one optimizer; the module configured {len(trainer.optimizers)}")
+        optimizer = trainer.optimizers[0]
+        others = [type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
+        if others:
+            raise ValueError(
+                f"{name} is the learning-rate scheduler of {type(optimizer).__name__}, but configure_optimizers "
+                f"also attached {others} to it; both would write the rate. Remove that scheduler (use "
+                f"warmup_steps, min_lr and max_lr of {name}) or the callback."
+            )
+        self._threshold = self._stability_threshold(optimizer)
+        base = [float(g["lr"]) for g in optimizer.param_groups]
+        if not max(base) > 0:
+            raise ValueError(f"{name} needs a positive learning rate in some parameter group, got {base}")
+        self._ratios = [b / max(base) for b in base]
+        if self._eta is None:
+            self._eta = max(base)
+        self.scheduler = HeldLR(optimizer)
+        trainer.strategy.lr_scheduler_configs.append(LRSchedulerConfig(self.scheduler, interval="step"))
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if isinstance(self.probe, int) and self._probe_batches is None:
+            self._probe_batches = plumb.draw_probe_batches(trainer, self.probe)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # later micro-batches of an accumulated step
+            return
+        self._last_step = step
+        # Adam's preconditioner exists only after its first step: until then there is nothing to estimate
+        optimizer = trainer.optimizers[0]
+        estimate = step % self.every_n_steps == 0 and (len(optimizer.state) > 0 or not isinstance(optimizer, (Adam, AdamW)))
+        if estimate:
+            self._update_curvature(trainer, pl_module, batch, batch_idx, step)
+        switch = step >= self.warmup_steps and (estimate or step == self.warmup_steps)
+        if switch:
+            self._eta = self._next_lr()
+            self.scheduler.hold([self._eta * r for r in self._ratios])
+        if estimate or switch:
+            metrics = {
+                "curvature_lr/lr": max(float(g["lr"]) for g in optimizer.param_groups),
+                "curvature_lr/lambda": self._curvature,
+                "curvature_lr/skipped": float(self._warn.count),
+            }
+            self.last_estimate = {k: v for k, v in metrics.items() if v is not None}
+            plumb.log_scalars(trainer, pl_module, self.last_estimate, step, prog_bar=("curvature_lr/lr",))
+
+    # ------------------------------------------------------------------ rate
+    def _stability_threshold(self, optimizer: Optimizer) -> float:
+        """``τ`` of edge-of-stability mode; refuses optimizers a mode cannot drive."""
+        name, kind, groups = type(self).__name__, type(optimizer).__name__, optimizer.param_groups
+        if isinstance(optimizer, (Adam, AdamW)):
+            if self.mode != "edge_of_stability":
+                raise ValueError(
+                    f"{name}: mode={self.mode!r} derives an SGD step size from the raw Hessian, but {kind} "
+                    "rescales every coordinate by its preconditioner. Use mode='edge_of_stability' (it uses the "
+                    "preconditioned sharpness of Cohen et al. 2022) or torch.optim.SGD."
+                )
+            beta1 = {g["betas"][0] for g in groups}
+            if len(beta1) > 1:
+                raise ValueError(f"{name}: the parameter groups of {kind} have different beta1 {sorted(beta1)}")
+            return adam_threshold(beta1.pop())
+        if not isinstance(optimizer, SGD):
+            raise ValueError(
+                f"{name} drives torch.optim.SGD (every mode) and Adam/AdamW (mode='edge_of_stability'), got {kind}"
+            )
+        if self.mode != "edge_of_stability":
+            return 2.0
+        rules = {(g["momentum"], g["dampening"], g["nesterov"]) for g in groups}
+        if len(rules) > 1:
+            raise ValueError(f"{name}: the parameter groups of SGD have different momentum settings {sorted(rules)}")
+        return sgd_threshold(*rules.pop())
+
+    def _next_lr(self) -> float:
+        """The rate from the smoothed curvature, clipped; the previous rate when there is none."""
+        held = clamp_lr(self._eta, self.min_lr, self.max_lr)
+        c = self._curvature
+        if c is None:
+            return held
+        if self.mode == "quasi_newton":
+            lr = quasi_newton_lr(c, self.scale)
+        elif self.mode == "edge_of_stability":
+            lr = edge_of_stability_lr(c, self.fraction, self._threshold)
+        else:
+            lr = drift_adjusted_lr(c, self.power, self.max_lr if self.max_lr is not None else math.inf)
+        lr = clamp_lr(lr, self.min_lr, self.max_lr)
+        return lr if math.isfinite(lr) and lr > 0 else held
+
+    # ------------------------------------------------------------------ estimate
+    def _update_curvature(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, step: int) -> None:
+        batches = [batch] if self._probe_batches is None else [plumb.to_device(trainer, b) for b in self._probe_batches]
+        try:
+            value = self._estimate(trainer, pl_module, batches, batch_idx)
+        except (plumb.EstimateSkipped, NoTrainableParametersError, FloatingPointError) as exc:
+            self._warn(type(exc).__name__, f"curvature estimate skipped at step {step}, learning rate held: {exc}")
+            return
+        problem = curvature_problem(value)
+        if problem is not None:
+            self._warn(problem, f"{problem} ({value}) at step {step}, learning rate held")
+            return
+        self._curvature = ema(self._curvature, value, self.ema)
+
+    def _coordinates(self, optimizer: Optimizer) -> tuple[list[Tensor], Tensor | None]:
+        """The optimizer's trainable parameters and the scaling ``S`` of its step (``None``: identity)."""
+        params, ratios, preconditioners = [], [], []
+        for group, ratio in zip(optimizer.param_groups, self._ratios):
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                r, P = ratio, None
+                if isinstance(optimizer, (Adam, AdamW)):
+                    state = optimizer.state.get(p, {})
+                    key = "max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"
+                    if key in state:
+                        beta1, beta2 = group["betas"]
+                        P = adam_preconditioner(state[key], int(state["step"]), beta1, beta2, group["eps"])
+                    else:  # Adam has not moved this parameter yet
+                        r = 0.0
+                params.append(p)
+                ratios.append(r)
+                preconditioners.append(P)
+        if not params:
+            raise NoTrainableParametersError("the optimizer has no parameters with requires_grad=True")
+        if all(r == 1.0 for r in ratios) and all(P is None for P in preconditioners):
+            return params, None
+        return params, coordinate_scaling(params, ratios, preconditioners)
+
+    def _estimate(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any], batch_idx: int) -> float | None:
+        generator = torch.Generator().manual_seed(self.seed + self._num_estimates)
+        self._num_estimates += 1
+        params, scale = self._coordinates(trainer.optimizers[0])
+        sizes = [plumb.batch_size_of(b) for b in batches]
+        with plumb.no_harm(pl_module):
+            closures = [(lambda b=b: plumb.compute_loss(pl_module, b, self.loss_fn, batch_idx)) for b in batches]
+            op = HessianOperator(params, closures, [s / sum(sizes) for s in sizes], reduce=plumb.mean_reducer(trainer))
+            if not plumb.is_finite(op.loss) or not torch.isfinite(op.gradient).all():
+                raise plumb.EstimateSkipped(f"non-finite probe loss or gradient (loss={op.loss})")
+            matvec = op if scale is None else scaled_operator(op, scale)
+            if self.mode == "dal":
+                gradient = op.gradient if scale is None else scale * op.gradient
+                value = gradient_weighted_curvature(matvec, gradient)
+            else:
+                init = self._warm_vectors if self.warm_start else None
+                res = lanczos(matvec, op.dim, k=1, want_min=False, tol=self.tol, max_matvecs=self.max_hvps,
+                              init=init, generator=generator, dtype=op.dtype, device=op.device)
+                if not res.converged:
+                    raise plumb.EstimateSkipped(f"Lanczos did not reach tol={self.tol} in max_hvps={self.max_hvps} HVPs")
+                self._warm_vectors = res.eigenvectors.detach()
+                value = float(res.eigenvalues[0])
+            op.release()
+        return value
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "eta": self._eta,
+            "curvature": self._curvature,
+            "warm_vectors": None if self._warm_vectors is None else self._warm_vectors.cpu(),
+            "probe_batches": self._probe_batches,
+            "last_step": self._last_step,
+            "num_estimates": self._num_estimates,
+            "skipped": self._warn.count,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._eta = state_dict["eta"]
+        self._curvature = state_dict["curvature"]
+        self._warm_vectors = state_dict["warm_vectors"]
+        self._probe_batches = state_dict["probe_batches"]
+        self._last_step = state_dict["last_step"]
+        self._num_estimates = state_dict["num_estimates"]
+        self._warn.count = state_dict["skipped"]

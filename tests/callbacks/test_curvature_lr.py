@@ -1,0 +1,337 @@
+import math
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from torch import nn
+
+from chaos_callbacks.callbacks.curvature_lr import CurvatureLRScheduler
+from tests.lightning_helpers import TinyNet, assert_identical_runs, fit_snapshot, loader, random_classification, run_ddp, trainer
+
+
+class Quadratic(pl.LightningModule):
+    """``L(w) = ½ Σ a_i w_i²`` (Hessian ``diag(a)``), independent of the batch.
+
+    ``groups`` splits ``w`` into parameter groups ``{"size": n, "lr": lr}`` (one tensor each).
+    """
+
+    def __init__(self, a, w0, lr: float = 0.1, groups=None, optimizer: str = "sgd", **opt_kwargs: Any) -> None:
+        super().__init__()
+        self.a = torch.tensor(a, dtype=torch.float64)
+        sizes = [g["size"] for g in groups] if groups else [len(a)]
+        self.lrs = [g["lr"] for g in groups] if groups else [lr]
+        self.ws = nn.ParameterList(nn.Parameter(c.clone()) for c in torch.tensor(w0, dtype=torch.float64).split(sizes))
+        self.optimizer, self.opt_kwargs = optimizer, opt_kwargs
+
+    def loss(self) -> torch.Tensor:
+        return 0.5 * (self.a * torch.cat(list(self.ws)) ** 2).sum()
+
+    def training_step(self, batch, batch_idx):
+        return self.loss()
+
+    def configure_optimizers(self):
+        groups = [{"params": [w], "lr": lr} for w, lr in zip(self.ws, self.lrs)]
+        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[self.optimizer]
+        return cls(groups, **self.opt_kwargs)
+
+
+class StepLog(pl.Callback):
+    """The rates each optimizer step really uses, the weights it starts from, the optimizer state."""
+
+    def __init__(self) -> None:
+        self.lrs: list[list[float]] = []
+        self.weights: list[torch.Tensor] = []
+        self.adam: list[tuple[torch.Tensor, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.weights.append(torch.cat([p.detach().clone().reshape(-1) for p in pl_module.parameters()]))
+        state = trainer.optimizers[0].state
+        if state and "exp_avg_sq" in next(iter(state.values())):
+            st = [state[p] for p in pl_module.parameters()]
+            self.adam.append((torch.cat([s["exp_avg_sq"].clone() for s in st]), int(st[0]["step"])))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append([g["lr"] for g in optimizer.param_groups])
+
+
+def fit_quadratic(model: pl.LightningModule, callback: CurvatureLRScheduler, steps: int, before=()) -> StepLog:
+    """Train for ``steps`` steps; the ``before`` callbacks run ahead of the scheduler."""
+    log = StepLog()
+    data = torch.utils.data.TensorDataset(torch.zeros(64, 1))
+    t = trainer(callbacks=[log, *before, callback], max_steps=steps, max_epochs=None)
+    t.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+    return log
+
+
+def first(lrs: list[list[float]]) -> list[float]:
+    return [lr[0] for lr in lrs]
+
+
+@pytest.mark.parametrize(
+    "mode, kwargs, expected",
+    [
+        ("quasi_newton", {}, 1 / 5),  # 1/λ_max
+        ("quasi_newton", dict(scale=0.5), 0.5 / 5),
+        ("edge_of_stability", dict(fraction=0.8), 0.8 * 2 / 5),  # fraction · 2/λ_max
+    ],
+)
+def test_lambda_max_rules_on_a_known_hessian(mode, kwargs, expected):
+    cb = CurvatureLRScheduler(every_n_steps=2, mode=mode, tol=1e-8, **kwargs)
+    log = fit_quadratic(Quadratic([1.0, 3.0, 5.0], [1.0, -1.0, 0.5]), cb, steps=5)
+    for lr in first(log.lrs):  # the first step already uses it
+        assert lr == pytest.approx(expected, rel=1e-12)
+    assert cb.last_estimate["curvature_lr/lambda"] == pytest.approx(5.0, rel=1e-12)
+    assert cb.last_estimate["curvature_lr/skipped"] == 0
+
+
+def test_edge_of_stability_uses_the_momentum_threshold():
+    cb = CurvatureLRScheduler(every_n_steps=1, mode="edge_of_stability", fraction=0.5, tol=1e-8)
+    log = fit_quadratic(Quadratic([1.0, 4.0], [1.0, 1.0], momentum=0.9), cb, steps=2)
+    assert first(log.lrs) == pytest.approx([0.5 * (2 + 2 * 0.9) / 4] * 2, rel=1e-12)
+
+
+def test_dal_on_w_squared_gives_one_and_follows_the_gradient():
+    # L = w² (a = 2): v = ‖Hg‖/‖g‖ = 2, η = 2/v = 1
+    log = fit_quadratic(Quadratic([2.0], [0.7]), CurvatureLRScheduler(every_n_steps=1, mode="dal"), steps=3)
+    assert first(log.lrs) == [1.0, 1.0, 1.0]
+    log = fit_quadratic(Quadratic([2.0], [0.7]), CurvatureLRScheduler(every_n_steps=1, mode="dal", power=0.5), steps=2)
+    assert first(log.lrs) == pytest.approx([2 / math.sqrt(2)] * 2, rel=1e-14)
+    # anisotropic: v = ‖A²w‖/‖Aw‖ changes with w; max_lr caps the rate
+    a = torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64)
+    cb = CurvatureLRScheduler(every_n_steps=1, mode="dal", max_lr=0.45)
+    log = fit_quadratic(Quadratic(a.tolist(), [1.0, -1.0, 0.5]), cb, steps=4)
+    for lr, w in zip(first(log.lrs), log.weights):
+        assert lr == pytest.approx(min(2 / float((a * a * w).norm() / (a * w).norm()), 0.45), rel=1e-12)
+    assert max(first(log.lrs)) == 0.45 and min(first(log.lrs)) < 0.45
+
+
+class SetCurvature(pl.Callback):
+    """Sets the coefficients of the probe loss ``½ Σ b_i w_i²`` before each step (ahead of the scheduler)."""
+
+    def __init__(self, schedule) -> None:
+        self.schedule = schedule
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.b = torch.tensor(self.schedule[trainer.global_step], dtype=torch.float64)
+
+
+def probe_loss(module, batch):
+    return 0.5 * (module.b * torch.cat(list(module.ws)) ** 2).sum()
+
+
+def test_bad_curvature_holds_the_previous_rate_and_warns_once():
+    schedule = [[2.0], [2.0], [-1.0], [float("nan")], [-3.0], [0.0], [4.0]]
+    cb = CurvatureLRScheduler(every_n_steps=1, tol=1e-8, loss_fn=probe_loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log = fit_quadratic(Quadratic([2.0], [0.7]), cb, steps=7, before=[SetCurvature(schedule)])
+    assert first(log.lrs) == pytest.approx([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.25], rel=1e-14)
+    assert all(math.isfinite(lr) and lr > 0 for lr in first(log.lrs))
+    ours = [str(w.message) for w in caught if "CurvatureLRScheduler" in str(w.message)]
+    assert len(ours) == 2 and any("non-positive" in m for m in ours) and any("non-finite" in m for m in ours)
+    assert cb.last_estimate["curvature_lr/skipped"] == 4
+    assert cb.last_estimate["curvature_lr/lambda"] == pytest.approx(4.0, rel=1e-14)
+
+
+def test_negative_curvature_from_the_start_keeps_the_optimizers_rate():
+    cb = CurvatureLRScheduler(every_n_steps=1, max_lr=0.05)
+    with pytest.warns(UserWarning, match="non-positive curvature"):
+        log = fit_quadratic(Quadratic([-1.0, -2.0], [1.0, 1.0], lr=0.1), cb, steps=3)
+    assert first(log.lrs) == [0.05, 0.05, 0.05]  # the held rate, clipped to the bounds
+    assert cb.last_estimate["curvature_lr/skipped"] == 3 and "curvature_lr/lambda" not in cb.last_estimate
+
+
+def test_zero_gradient_holds_the_rate_in_dal_mode():
+    cb = CurvatureLRScheduler(every_n_steps=1, mode="dal")
+    with pytest.warns(UserWarning, match="zero gradient"):
+        log = fit_quadratic(Quadratic([2.0], [0.0], lr=0.3), cb, steps=2)
+    assert first(log.lrs) == [0.3, 0.3]
+
+
+def test_warmup_ema_and_bounds():
+    # curvature 2, 4, 8, 8: smoothed (ema 0.5) 2, 3, 5.5, 6.75; warm-up keeps step 0 at the own rate
+    cb = CurvatureLRScheduler(every_n_steps=1, ema=0.5, warmup_steps=1, tol=1e-8, loss_fn=probe_loss)
+    schedule = [[2.0], [4.0], [8.0], [8.0]]
+    log = fit_quadratic(Quadratic([2.0], [0.7], lr=0.1), cb, steps=4, before=[SetCurvature(schedule)])
+    assert first(log.lrs) == pytest.approx([0.1, 1 / 3, 1 / 5.5, 1 / 6.75], rel=1e-13)
+    assert cb.last_estimate["curvature_lr/lambda"] == pytest.approx(6.75, rel=1e-13)
+    # the first step after warm-up uses the latest estimate even off the cadence (estimates at 0, 3)
+    cb = CurvatureLRScheduler(every_n_steps=3, warmup_steps=2, min_lr=0.3, tol=1e-8)
+    log = fit_quadratic(Quadratic([5.0], [0.7], lr=0.1), cb, steps=4)
+    assert first(log.lrs) == [0.1, 0.1, 0.3, 0.3]  # 1/5 = 0.2 raised to min_lr
+
+
+def test_param_groups_keep_their_ratios():
+    # groups (lr 0.1, 0.05) → R = diag(1, 1/2); R^½ H R^½ = diag(4, 6/2): λ = 4, η = 1/4
+    groups = [{"size": 1, "lr": 0.1}, {"size": 1, "lr": 0.05}]
+    cb = CurvatureLRScheduler(every_n_steps=1, tol=1e-8)
+    log = fit_quadratic(Quadratic([4.0, 6.0], [1.0, 1.0], groups=groups), cb, steps=2)
+    for lr0, lr1 in log.lrs:
+        assert lr0 == pytest.approx(0.25, rel=1e-12) and lr1 / lr0 == 0.5
+    assert cb.last_estimate["curvature_lr/lr"] == log.lrs[-1][0]
+
+
+def test_adam_uses_the_preconditioned_sharpness():
+    a = torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64)
+    beta1, beta2, eps = 0.9, 0.99, 1e-8
+    cb = CurvatureLRScheduler(every_n_steps=1, mode="edge_of_stability", fraction=0.5, tol=1e-10)
+    model = Quadratic(a.tolist(), [1.0, -1.0, 0.5], lr=0.01, optimizer="adam", betas=(beta1, beta2), eps=eps)
+    log = fit_quadratic(model, cb, steps=4)
+    assert log.lrs[0] == [0.01]  # no preconditioner before Adam's first step: its own rate
+    for lr, (v, t) in zip(first(log.lrs[1:]), log.adam):
+        P = (1 - beta1 ** (t + 1)) * ((v / (1 - beta2**t)).sqrt() + eps)
+        assert lr == pytest.approx(0.5 * (2 + 2 * beta1) / (1 - beta1) / float((a / P).max()), rel=1e-9)
+    assert cb.last_estimate["curvature_lr/skipped"] == 0
+
+
+def test_adam_in_an_sgd_mode_and_other_optimizers_are_refused():
+    with pytest.raises(ValueError, match="edge_of_stability"):
+        fit_quadratic(Quadratic([1.0], [1.0], optimizer="adam"), CurvatureLRScheduler(mode="dal"), steps=1)
+
+    class Rms(Quadratic):
+        def configure_optimizers(self):
+            return torch.optim.RMSprop(self.parameters(), lr=0.1)
+
+    with pytest.raises(ValueError, match="RMSprop"):
+        fit_quadratic(Rms([1.0], [1.0]), CurvatureLRScheduler(), steps=1)
+
+
+def test_a_user_scheduler_on_the_same_optimizer_is_refused():
+    class WithStepLR(TinyNet):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 2), "interval": "step"}}
+
+    with pytest.raises(ValueError, match="StepLR"):
+        trainer(callbacks=[CurvatureLRScheduler()], max_steps=1, max_epochs=None).fit(WithStepLR(), loader())
+    # two curvature schedulers on one optimizer: the second sees the first's HeldLR
+    with pytest.raises(ValueError, match="HeldLR"):
+        trainer(callbacks=[CurvatureLRScheduler(), CurvatureLRScheduler(mode="dal")], max_steps=1, max_epochs=None).fit(TinyNet(), loader())
+
+
+class MemoryLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+
+    name = "memory"
+    version = 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+
+def test_learning_rate_monitor_logs_the_rate_each_step_uses():
+    logger, monitor = MemoryLogger(), LearningRateMonitor(logging_interval="step")
+    cb = CurvatureLRScheduler(every_n_steps=2, mode="dal")
+    pl.seed_everything(0, verbose=False)
+    log = StepLog()
+    # the monitor is listed first: the scheduler moves ahead of it
+    t = trainer(callbacks=[log, monitor, cb], logger=logger, max_steps=6, max_epochs=None, log_every_n_steps=1)
+    t.fit(TinyNet(lr=0.05), loader())
+    seen = {step: m["lr-SGD"] for step, m in logger.metrics if "lr-SGD" in m}
+    ours = {step: m["curvature_lr/lr"] for step, m in logger.metrics if "curvature_lr/lr" in m}
+    assert sorted(seen) == list(range(6)) and sorted(ours) == [0, 2, 4]
+    assert [seen[s] for s in range(6)] == first(log.lrs)
+    assert all(seen[s] == ours[s] for s in ours)
+    assert len(set(first(log.lrs))) == 3 and 0.05 not in first(log.lrs)
+
+
+def test_no_harm_during_warmup_and_at_the_optimizers_own_rate():
+    model_kwargs = dict(batch_norm=True, dropout=0.3, momentum=0.9, lr=0.1)
+    kw = dict(max_epochs=2, accumulate_grad_batches=2)
+    baseline = fit_snapshot(model_kwargs, [], **kw)
+    warm = CurvatureLRScheduler(every_n_steps=1, warmup_steps=100, ema=0.5)
+    assert_identical_runs(baseline, fit_snapshot(model_kwargs, [warm], **kw))
+    assert warm.last_estimate["curvature_lr/lambda"] > 0  # estimates ran during the warm-up
+    # after warm-up, a rate pinned to the optimizer's own one: every step sets it, nothing else changes
+    pinned = CurvatureLRScheduler(every_n_steps=1, min_lr=0.1, max_lr=0.1, probe=24)
+    assert_identical_runs(baseline, fit_snapshot(model_kwargs, [pinned], **kw))
+    assert pinned.last_estimate["curvature_lr/lr"] == 0.1 and pinned._curvature > 0
+
+
+def test_resume_gives_the_same_rates_as_an_uninterrupted_run(tmp_path):
+    def run(ckpt_path=None, save=False):
+        pl.seed_everything(0, verbose=False)
+        cb = CurvatureLRScheduler(every_n_steps=3, ema=0.5, warmup_steps=2, probe=16, tol=1e-4)
+        log = StepLog()
+        restored = []
+
+        class Restored(pl.Callback):
+            def on_train_start(self, trainer, pl_module):
+                restored.append(cb.scheduler.last_epoch)
+
+        cbs = [log, cb, Restored()]
+        if save:
+            cbs.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+        t = trainer(callbacks=cbs, max_epochs=4, enable_checkpointing=save)
+        t.fit(TinyNet(lr=0.05), loader(shuffle=False), ckpt_path=ckpt_path)
+        return first(log.lrs), restored[0], cb
+
+    full, _, _ = run(save=True)
+    resumed, last_epoch, cb = run(ckpt_path=str(tmp_path / "epoch=1.ckpt"))
+    assert last_epoch == 8  # Lightning restored the HeldLR state (one scheduler step per optimizer step)
+    assert resumed == full[8:]  # bit-identical rates; 4 batches per epoch, resumed after epoch 2
+    assert len(set(full)) > 3
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(every_n_steps=0),
+        dict(mode="newton"),
+        dict(scale=0.0),
+        dict(fraction=-1.0),
+        dict(power=1.5),
+        dict(power=-0.1),
+        dict(ema=1.0),
+        dict(warmup_steps=-1),
+        dict(min_lr=-1e-3),
+        dict(max_lr=0.0),
+        dict(min_lr=0.2, max_lr=0.1),
+        dict(probe="first"),
+        dict(probe=0),
+        dict(tol=1.0),
+        dict(max_hvps=1),
+    ],
+)
+def test_invalid_arguments(kwargs):
+    with pytest.raises(ValueError):
+        CurvatureLRScheduler(**kwargs)
+
+
+def test_two_instances_have_distinct_state_keys():
+    assert CurvatureLRScheduler(mode="dal").state_key != CurvatureLRScheduler().state_key
+
+
+def ddp_scenario(devices: int):
+    """32 examples: 2 ranks × 16 (interleaved shards) or 1 process × 32 — the same global batch."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyNet(lr=0.05).double()
+    data = random_classification(n=32)
+    dataset = torch.utils.data.TensorDataset(data.tensors[0].double(), data.tensors[1])
+    dl = torch.utils.data.DataLoader(dataset, batch_size=32 // devices, shuffle=False)
+    log = StepLog()
+    cb = CurvatureLRScheduler(every_n_steps=1, tol=1e-8, max_hvps=200)
+
+    def collect(trainer, model, callbacks):
+        return {"lrs": first(callbacks[0].lrs), "lambda": callbacks[1].last_estimate["curvature_lr/lambda"]}
+
+    return model, dl, [log, cb], collect, dict(max_steps=3, max_epochs=None)
+
+
+@pytest.mark.ddp
+def test_ddp_rates_equal_on_ranks_and_on_the_union_batch(tmp_path):
+    ranks = run_ddp("tests.callbacks.test_curvature_lr:ddp_scenario", tmp_path / "ddp", devices=2)
+    (single,) = run_ddp("tests.callbacks.test_curvature_lr:ddp_scenario", tmp_path / "single", devices=1)
+    assert ranks[0] == ranks[1]  # identical on all ranks
+    assert len(ranks[0]["lrs"]) == 3 and len(set(ranks[0]["lrs"])) == 3
+    assert ranks[0]["lrs"] == pytest.approx(single["lrs"], rel=1e-9)
+    assert ranks[0]["lambda"] == pytest.approx(single["lambda"], rel=1e-9)
