@@ -56,6 +56,8 @@ class HessianSpectrumMonitor(Callback):
         trace: also estimate the trace; ``trace_samples`` Rademacher probes.
         density: also estimate the spectral density (``density_probes × density_steps`` HVPs)
             and log it as a TensorBoard figure.
+        density_every_n_steps: cadence of the (expensive) density, a multiple of
+            ``every_n_steps``; default: at every estimate.
         tol: relative tolerance of the eigenvalue estimates.
         max_hvps: budget of Hessian-vector products for the eigenvalue solver per estimate.
         hessian_mode: ``"train"`` (default: the Hessian the optimizer sees — dropout active with
@@ -78,6 +80,7 @@ class HessianSpectrumMonitor(Callback):
         density: bool = False,
         density_probes: int = 3,
         density_steps: int = 90,
+        density_every_n_steps: int | None = None,
         tol: float = 1e-3,
         max_hvps: int = 100,
         hessian_mode: Literal["train", "eval"] = "train",
@@ -102,6 +105,13 @@ class HessianSpectrumMonitor(Callback):
             raise ValueError(f"trace_samples must be >= 2, got {trace_samples}")
         if density_probes < 1 or density_steps < 2:
             raise ValueError("density_probes must be >= 1 and density_steps >= 2")
+        if density_every_n_steps is not None and (
+            density_every_n_steps < 1 or density_every_n_steps % every_n_steps
+        ):
+            raise ValueError(
+                f"density_every_n_steps must be a positive multiple of every_n_steps={every_n_steps}, "
+                f"got {density_every_n_steps}"
+            )
         if hessian_mode not in ("train", "eval"):
             raise ValueError(f"hessian_mode must be 'train' or 'eval', got {hessian_mode!r}")
         self.every_n_steps = every_n_steps
@@ -115,6 +125,7 @@ class HessianSpectrumMonitor(Callback):
         self.density = density
         self.density_probes = density_probes
         self.density_steps = density_steps
+        self.density_every_n_steps = density_every_n_steps or every_n_steps
         self.tol = tol
         self.max_hvps = max_hvps
         self.hessian_mode = hessian_mode
@@ -180,7 +191,8 @@ class HessianSpectrumMonitor(Callback):
                 if self.method == "lanczos" and self._warm_vectors is not None:
                     deflate = dict(deflate_vectors=self._warm_vectors[: self.top_k], deflate_values=self._top_values)
                 metrics["hessian/trace"] = hutchinson_trace(op, op.dim, num_samples=self.trace_samples, **deflate, **kw).trace
-            if self.density:
+            density = self.density and trainer.global_step % self.density_every_n_steps == 0
+            if density:
                 dens = spectral_density(op, op.dim, num_probes=self.density_probes, steps=self.density_steps, **kw)
             metrics["hessian/grad_curvature"] = gradient_weighted_curvature(op, op.gradient)
             metrics["hessian/hvps"] = float(op.num_matvecs)
@@ -190,7 +202,7 @@ class HessianSpectrumMonitor(Callback):
         lr = plumb.current_lr(trainer)
         if lr is not None and lam_max is not None:
             metrics["hessian/sharpness_lr"] = lr * lam_max
-        if self.density:
+        if density:
             from chaos_callbacks.plotting.hessian import spectral_density_figure
 
             plumb.log_figure(trainer, "hessian/spectral_density", lambda: spectral_density_figure(dens), trainer.global_step)

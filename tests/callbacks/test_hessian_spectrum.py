@@ -188,6 +188,7 @@ def test_manual_optimization_without_loss_fn_is_refused():
         dict(max_hvps=1),
         dict(hessian_mode="test"),
         dict(trace_samples=1),
+        dict(every_n_steps=10, density=True, density_every_n_steps=15),
     ],
 )
 def test_invalid_arguments(kwargs):

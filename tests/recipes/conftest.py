@@ -5,26 +5,14 @@ from __future__ import annotations
 import os
 import pickle
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 FAKE_TRAIN_SIZE = 40
 FAKE_TEST_SIZE = 20
 CIFAR_BATCH_SIZE = 8  # per data_batch_{1..5}, so FAKE_TRAIN_SIZE training images in all
-
-
-@pytest.fixture(autouse=True, scope="session")
-def single_thread() -> Iterator[None]:
-    """Run the tiny test models on one intra-op thread: on a small, busy machine extra
-    threads only contend (a 64-unit MLP step goes from ~0.5 ms to tens of ms)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:
