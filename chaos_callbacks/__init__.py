@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 
 _CALLBACKS = {
     "ChaosSummary": "chaos_callbacks.callbacks.summary",
+    "CurvatureLRScheduler": "chaos_callbacks.callbacks.curvature_lr",
+    "DiffusionTracker": "chaos_callbacks.callbacks.diffusion_tracker",
+    "GradientTailFitter": "chaos_callbacks.callbacks.gradient_tails",
+    "LyapunovTwinRun": "chaos_callbacks.callbacks.lyapunov_twin",
     "HessianSpectrumMonitor": "chaos_callbacks.callbacks.hessian_spectrum",
 }
 

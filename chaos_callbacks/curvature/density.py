@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from chaos_callbacks.curvature.lanczos import MatVec
+from chaos_callbacks.curvature.lanczos import KrylovBasis, MatVec, tridiagonal
 
 
 @dataclass(frozen=True)
@@ -36,25 +36,21 @@ class SpectralDensity:
 
 def lanczos_quadrature(matvec: MatVec, v: Tensor, steps: int) -> tuple[Tensor, Tensor]:
     """Gauss quadrature nodes and weights of the spectral measure of ``H`` seen from unit ``v``."""
-    basis = [v / v.norm()]
+    basis = KrylovBasis(steps, v.numel(), v.dtype, v.device)
+    basis.append(v / v.norm())
     alphas: list[float] = []
     betas: list[float] = []
-    for _ in range(steps):
-        w = matvec(basis[-1]).to(v.dtype)
-        alphas.append(float(torch.dot(w.double(), basis[-1].double())))
-        V = torch.stack(basis)
-        for _ in range(2):
-            w = w - V.T @ (V @ w)
+    for step in range(steps):
+        q = basis.vectors[step]
+        w = matvec(q).to(v.dtype)
+        alphas.append(float(torch.dot(w.double(), q.double())))
+        w = basis.orthogonalize(w)
         beta = float(w.double().norm())
-        if beta <= 1e-10 * max(abs(a) for a in alphas) or len(alphas) == v.numel():
+        if step == steps - 1 or beta <= 1e-10 * max(abs(a) for a in alphas):
             break
         betas.append(beta)
         basis.append(w / beta)
-    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if len(alphas) > 1:
-        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
-        T += torch.diag(off, 1) + torch.diag(off, -1)
-    nodes, vecs = torch.linalg.eigh(T)
+    nodes, vecs = torch.linalg.eigh(tridiagonal(alphas, betas))
     return nodes, vecs[0, :] ** 2
 
 

@@ -6,7 +6,8 @@ Lanczos (1950) with full reorthogonalisation builds an orthonormal Krylov basis
 ``r_i = ‖H V_m s_i − θ_i V_m s_i‖ = β_m |s_{m,i}|`` (Parlett, *The Symmetric Eigenvalue
 Problem*, §13.1). An eigenvalue of ``H`` lies within ``r_i`` of ``θ_i`` (Krylov–Weinstein), and
 within ``r_i² / gap_i`` when the rest of the spectrum is at least ``gap_i`` away (Kato–Temple);
-iteration stops when ``min(r_i, r_i²/gap_i) ≤ tol · max_j |θ_j|`` for every requested Ritz value.
+iteration stops when ``min(r_i, r_i²/gap_i) ≤ tol · |θ_1|`` for the top-``k`` Ritz values and
+``≤ min_tol · max_j |θ_j|`` for the most negative one.
 
 The top ``k`` (largest algebraic) and the most negative eigenvalue come from the same basis.
 A warm start begins the Krylov space at the sum of the previous estimate's Ritz vectors, which
@@ -64,6 +65,41 @@ def _start_vector(
     return (v / v.norm()).to(dtype)
 
 
+class KrylovBasis:
+    """Orthonormal vectors in a preallocated ``[capacity, n]`` buffer, with full reorthogonalisation.
+
+    ``orthogonalize`` is classical Gram–Schmidt applied twice ("twice is enough", Giraud et al.
+    2005) as two matrix-vector products on the filled rows — no per-step stacking of the basis.
+    """
+
+    def __init__(self, capacity: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.vectors = torch.empty(capacity, n, dtype=dtype, device=device)
+        self.size = 0
+
+    @property
+    def filled(self) -> Tensor:
+        return self.vectors[: self.size]
+
+    def append(self, v: Tensor) -> None:
+        self.vectors[self.size] = v
+        self.size += 1
+
+    def orthogonalize(self, w: Tensor) -> Tensor:
+        V = self.filled
+        for _ in range(2):
+            w = w - (V @ w) @ V
+        return w
+
+
+def tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
+    """The symmetric tridiagonal ``T`` with diagonal ``alphas`` and off-diagonal ``betas`` (float64)."""
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if len(alphas) > 1:
+        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    return T
+
+
 def _error_bounds(theta: Tensor, residuals: Tensor) -> Tensor:
     """``min(r, r²/gap)`` with ``gap`` the distance to the nearest other Ritz value."""
     if theta.numel() == 1:
@@ -81,6 +117,7 @@ def lanczos(
     *,
     want_min: bool = True,
     tol: float = 1e-3,
+    min_tol: float | None = None,
     max_matvecs: int = 100,
     init: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -94,7 +131,9 @@ def lanczos(
         n: dimension.
         k: number of largest (algebraic) eigenvalues wanted.
         want_min: also certify the most negative eigenvalue.
-        tol: relative tolerance; bounds are compared with ``tol · max |θ|``.
+        tol: relative tolerance of the top-``k`` values: bounds ``≤ tol · |θ_1|`` (the largest
+            Ritz value's magnitude, or ``max|θ|`` if that is larger than ``|θ_1|`` by 10³).
+        min_tol: tolerance of the most negative value, relative to ``max|θ|`` (default ``tol``).
         max_matvecs: budget of products; the result says whether it converged within it.
         init: previous Ritz vectors ``[j, n]`` (or one vector) to warm-start from.
         generator: random start when there is no ``init``.
@@ -105,54 +144,50 @@ def lanczos(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if not 0 < tol < 1:
-        raise ValueError(f"tol must be in (0, 1), got {tol}")
+    if not 0 < tol < 1 or (min_tol is not None and not 0 < min_tol < 1):
+        raise ValueError(f"tol and min_tol must be in (0, 1), got {tol}, {min_tol}")
     if max_matvecs < k + 1:
         raise ValueError(f"max_matvecs must be at least k + 1 = {k + 1}, got {max_matvecs}")
+    min_tol = tol if min_tol is None else min_tol
     device = torch.device(device)
-    basis: list[Tensor] = [_start_vector(n, init, generator, dtype, device)]
+    max_steps = min(max_matvecs, n)
+    basis = KrylovBasis(max_steps, n, dtype, device)
+    basis.append(_start_vector(n, init, generator, dtype, device))
     alphas: list[float] = []
     betas: list[float] = []
-    max_steps = min(max_matvecs, n)
     theta = s = None
     bounds = torch.empty(0, dtype=torch.float64)
     converged = False
     for step in range(max_steps):
-        w = matvec(basis[-1]).to(dtype)
-        alphas.append(float(torch.dot(w.double(), basis[-1].double())))
-        V = torch.stack(basis)
-        for _ in range(2):  # classical Gram-Schmidt, twice (full reorthogonalisation)
-            w = w - V.T @ (V @ w)
+        v = basis.vectors[step]
+        w = matvec(v).to(dtype)
+        alphas.append(float(torch.dot(w.double(), v.double())))
+        w = basis.orthogonalize(w)
         beta = float(w.double().norm())
-        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if betas:
-            off = torch.tensor(betas, dtype=torch.float64)
-            T += torch.diag(off, 1) + torch.diag(off, -1)
-        theta, s = torch.linalg.eigh(T)  # ascending
-        residuals = beta * s[-1, :].abs()
-        bounds_all = _error_bounds(theta, residuals)
+        theta, s = torch.linalg.eigh(tridiagonal(alphas, betas))  # ascending
+        bounds_all = _error_bounds(theta, beta * s[-1, :].abs())
         scale = float(theta.abs().max())
-        wanted = list(range(len(alphas) - 1, max(len(alphas) - 1 - k, -1), -1))
+        top_scale = max(abs(float(theta[-1])), 1e-3 * scale)
+        top = list(range(len(alphas) - 1, max(len(alphas) - 1 - k, -1), -1))
+        bounds = bounds_all[top]
+        ok = bool((bounds <= tol * top_scale).all())
         if want_min:
-            wanted.append(0)
-        bounds = bounds_all[wanted[:k]]
+            ok = ok and float(bounds_all[0]) <= min_tol * scale
         invariant = beta <= 1e-10 * max(scale, 1e-30)
-        if len(alphas) >= min(k + 1, n) and (invariant or bool((bounds_all[wanted] <= tol * scale).all())):
+        if len(alphas) >= min(k + 1, n) and (invariant or ok):
             converged = True
             break
         if step == max_steps - 1 or (invariant and scale == 0):  # a zero operator: nothing to certify
             break
         if invariant:  # e.g. a warm start on an eigenvector: go on from a random direction orthogonal to
             # the basis, uncoupled (β = 0), so that the wanted Ritz values can still be certified
-            w = _start_vector(n, None, generator, dtype, device)
-            for _ in range(2):
-                w = w - V.T @ (V @ w)
+            w = basis.orthogonalize(_start_vector(n, None, generator, dtype, device))
             betas.append(0.0)
             basis.append(w / w.norm())
             continue
         betas.append(beta)
         basis.append(w / beta)
-    V = torch.stack(basis[: len(alphas)])
+    V = basis.vectors[: len(alphas)]
     kk = min(k, len(alphas))
     top_idx = torch.arange(len(alphas) - 1, len(alphas) - 1 - kk, -1)
     vecs = (s[:, top_idx].T.to(dtype) @ V) if theta is not None else V[:0]

@@ -10,6 +10,12 @@ al. 1980), the mean log growth ``Λ = (1/T) Σ_t ln(‖δ_{t+1}‖ / ‖δ_t‖)
 
 Here the perturbation is propagated exactly by Hessian-vector products (the map's tangent
 dynamics), so no finite ε is needed. With ``η_a → ∞`` this is power iteration on ``H``.
+
+The multiplier of ``λ_max`` dominates exactly when ``|1 + η_a λ_min| < 1 + η_a λ_max``, which
+holds for every spectrum when ``η_a ‖H‖ ≤ 1``. Without a given ``η_a`` the estimator starts from
+``1/|vᵀHv|`` and, whenever the current direction shows ``η_a ‖Hδ‖ > 1``, lowers ``η_a`` to
+``1/‖Hδ‖`` and restarts the average — so a strongly negative eigenvalue cannot be returned as
+``λ_max`` (its direction would have ``‖Hδ‖ ≈ |λ_min|``).
 """
 
 from __future__ import annotations
@@ -51,8 +57,7 @@ def lyapunov_map_lambda_max(
     """Estimate ``λ_max`` from the Lyapunov exponent of the gradient-ascent map.
 
     Args:
-        ascent_lr: ``η_a``; default ``1 / |vᵀHv|`` of the start vector, so that the identity
-            does not swamp the growth factor.
+        ascent_lr: a fixed ``η_a``; default: adaptive (see the module docstring).
         tol: stop when the exponent averaged over the last ``window`` iterations changes by
             less than ``tol`` relative between consecutive iterations.
         window: iterations in the running mean (Benettin average after the transient).
@@ -67,12 +72,17 @@ def lyapunov_map_lambda_max(
     else:
         delta = torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
     delta = delta / delta.norm()
+    adaptive = ascent_lr is None
     growths: list[float] = []
     estimate = float("nan")
     for i in range(max_matvecs):
         hd = matvec(delta).to(dtype)
+        hd_norm = float(hd.double().norm())
         if ascent_lr is None:
             ascent_lr = 1.0 / max(abs(float(torch.dot(hd.double(), delta.double()))), 1e-12)
+        if adaptive and ascent_lr * hd_norm > 1.0:
+            ascent_lr = 1.0 / hd_norm
+            growths, estimate = [], float("nan")
         nxt = delta + ascent_lr * hd
         norm = float(nxt.double().norm())
         if not math.isfinite(norm) or norm == 0.0:
@@ -86,4 +96,4 @@ def lyapunov_map_lambda_max(
                 return LyapunovMapResult(new, exponent, ascent_lr, delta, i + 1, True)
             estimate = new
     exponent = sum(growths[-window:]) / max(len(growths[-window:]), 1)
-    return LyapunovMapResult(estimate, exponent, float(ascent_lr or float("nan")), delta, len(growths), False)
+    return LyapunovMapResult(estimate, exponent, float(ascent_lr or float("nan")), delta, max_matvecs, False)

@@ -137,3 +137,25 @@ def test_lyapunov_map_ascent_ignores_negative_dominant():
                                   dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     # J = I + 0.1 A has multipliers 0, 0.7, 1.05, 1.1, 1.2: the dominant one belongs to λ_max = 2
     assert res.lambda_max == pytest.approx(2.0, rel=1e-6)
+
+
+def test_lyapunov_map_default_ascent_lr_is_not_fooled_by_a_dominant_negative_eigenvalue():
+    # |λ_min| = 10 > λ_max = 2: an ascent rate above 1/‖H‖ would make 1 + η_a λ_min dominate
+    evals = torch.tensor([-10.0, -3.0, 0.5, 1.0, 2.0], dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    A = Q @ torch.diag(evals) @ Q.T
+    res = lyapunov_map_lambda_max(lambda v: A @ v, 5, tol=1e-9, max_matvecs=3000, dtype=torch.float64,
+                                  generator=torch.Generator().manual_seed(0))
+    assert res.converged
+    assert res.lambda_max == pytest.approx(2.0, rel=1e-5)
+    assert abs(1 - 10.0 * res.ascent_lr) < 1 + 2.0 * res.ascent_lr  # λ_max's multiplier dominates
+
+
+def test_top_k_tolerance_is_relative_to_lambda_max_even_when_lambda_min_dominates():
+    evals = torch.tensor([-50.0, -1.0, 0.1, 0.2, 0.3, 0.9, 1.0], dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+    A = Q @ torch.diag(evals) @ Q.T
+    res = lanczos(lambda v: A @ v, 7, k=1, tol=1e-3, min_tol=1e-2, max_matvecs=7, dtype=torch.float64,
+                  generator=torch.Generator().manual_seed(0))
+    assert abs(float(res.eigenvalues[0]) - 1.0) <= 1e-3
+    assert abs(res.lambda_min + 50.0) <= 1e-2 * 50

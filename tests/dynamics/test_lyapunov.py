@@ -328,6 +328,16 @@ def test_parameter_distance_is_exact_on_tiny_differences():
     assert d2.item() == pytest.approx(math.sqrt(2.0**-18 + 16.0 + 9.0), rel=1e-15)
 
 
+def test_parameter_distance_rounds_each_difference_once():
+    """Far-apart float32 entries: one correctly rounded subtraction (relative error ≤ 2⁻²⁴); float16
+    entries are promoted to float32, where their difference is exact."""
+    a, b = [torch.tensor([1.0 + 2.0**-23])], [torch.tensor([-(2.0**-30)])]
+    exact = 1.0 + 2.0**-23 + 2.0**-30
+    assert parameter_distance(a, b, "l1").item() == pytest.approx(exact, rel=2.0**-24)
+    half = parameter_distance([torch.tensor([1.0], dtype=torch.float16)], [torch.tensor([2.0**-14], dtype=torch.float16)], "l2")
+    assert half.item() == 1.0 - 2.0**-14  # rounds to 1.0 in float16
+
+
 @pytest.mark.parametrize("norm", ["l2", "l1"])
 def test_random_perturbation_norm_determinism_and_global_rng(norm):
     params = [torch.zeros(3, 4, dtype=torch.float64), torch.zeros(5), torch.zeros(2, dtype=torch.float64)]

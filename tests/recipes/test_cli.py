@@ -40,7 +40,7 @@ def test_config_prints(config, capsys):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_config_runs_a_few_steps(config, tmp_path, request):
-    args = ["fit", "--config", str(config), "--trainer.max_steps", "3", "--trainer.max_epochs", "1",
+    args = ["fit", "--config", str(config), "--trainer.max_steps", "3", "--trainer.max_epochs", "3",
             "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.save_dir", str(tmp_path),
             "--trainer.enable_checkpointing", "false"]
     kind = _data_class(config)
