@@ -16,7 +16,7 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
         "gradient-weighted curvature |Hg|/|g|": ["Multiline", ["hessian/grad_curvature"]],
     },
     "lyapunov": {
-        "exponents (ln per step)": ["Multiline", ["lyapunov/mle", "lyapunov/ftle"]],
+        "exponents (ln per step)": ["Multiline", ["lyapunov/mle", "lyapunov/ftle", "lyapunov/local_exponent"]],
         "ln d(t)": ["Multiline", ["lyapunov/log_distance"]],
         "twin loss": ["Multiline", ["lyapunov/twin_loss", "train/loss_step", "train/loss"]],
     },
@@ -42,6 +42,7 @@ HEADLINES: tuple[str, ...] = (
     "hessian/lambda_max",
     "hessian/sharpness_lr",
     "lyapunov/mle",
+    "lyapunov/local_exponent",
     "curvature_lr/lr",
     "diffusion/exponent",
     "diffusion/crossover",
