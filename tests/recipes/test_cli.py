@@ -108,3 +108,18 @@ def test_quickstart_end_to_end_with_tensorboard(tmp_path, capsys):
     finally:
         board.terminate()
         board.wait(timeout=30)
+
+
+@pytest.mark.ddp
+def test_quickstart_under_ddp_through_the_cli(tmp_path):
+    """The documented multi-GPU path, on 2 CPU processes (gloo), with all five callbacks attached."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipes.cli", "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps", "12",
+         "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_checkpointing", "false"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "chaos_callbacks summary after 12 steps" in proc.stdout + proc.stderr
+    assert "hessian/lambda_max" in proc.stdout + proc.stderr
