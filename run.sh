@@ -14,6 +14,9 @@ if [ ! -f "$stamp" ]; then
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
     rm -f "$VENV"/.installed-* && touch "$stamp"
 fi
+# The demo and test models are tiny: extra intra-op threads only contend on a small machine
+# (the quickstart took 8 minutes with 2 threads on a busy 2-core box, 20 s with one).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 command=${1:-}
 shift || true
 case "$command" in
