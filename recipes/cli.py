@@ -23,8 +23,8 @@ class ChaosCLI(LightningCLI):
         parser.link_arguments("data.in_shape", "model.in_shape", apply_on="instantiate")
 
 
-def main(args: ArgsType = None) -> ChaosCLI:
-    """Run the CLI (``args`` as a list for programmatic use; default ``sys.argv``)."""
+def run(args: ArgsType = None) -> ChaosCLI:
+    """Run the CLI and return it (``args`` as a list for programmatic use; default ``sys.argv``)."""
     return ChaosCLI(
         ClassificationModule,
         ImageClassificationDataModule,
@@ -32,6 +32,11 @@ def main(args: ArgsType = None) -> ChaosCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main() -> None:
+    """The ``chaos-train`` console script (returns nothing, so the exit status is 0 on success)."""
+    run()
 
 
 if __name__ == "__main__":

@@ -289,7 +289,9 @@ def local_exponent(
        ``saturated=True``; the plateau level is a + s·τ.
     2. Saturated: the fit stops ``plateau_tol`` (default ln 10, one decade of d) before the
        plateau, i.e. uses the points with t ≤ τ − plateau_tol/|s|, which keeps the rounded knee
-       out of the fit (if fewer than two points remain, it uses t ≤ τ). Not saturated: all points.
+       out of the fit — but never cuts more than half the growth the hinge saw, s·(τ − t_start)/2,
+       so a short exponential phase is not cut away entirely (if fewer than two points remain,
+       it uses t ≤ τ). Not saturated: all points.
     3. ``slope`` and ``intercept`` are the least-squares line over ``start:stop``.
 
     The hinge also detects a decay that stalls on a floor (s < 0). ``steps`` are the optimizer
@@ -316,7 +318,8 @@ def local_exponent(
     k, s, saturated = _hinge_fit(ts, ys, min_plateau)
     stop = y.size
     if saturated:
-        cutoff = ts[k] - plateau_tol / abs(s) if s != 0 else ts[k]
+        cut = min(plateau_tol, 0.5 * abs(s) * (ts[k] - ts[0]))
+        cutoff = ts[k] - cut / abs(s) if s != 0 else ts[k]
         kept = int(np.count_nonzero(ts <= cutoff))
         stop = start + (kept if kept >= 2 else k + 1)
     slope, intercept = _line_fit(t[start:stop], y[start:stop])

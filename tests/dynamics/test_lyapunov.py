@@ -438,3 +438,14 @@ def test_invalid_arguments_say_what_is_allowed():
         tangent_sgd_step(p, lambda v: [torch.zeros(2)], 0.1)
     with pytest.raises(ValueError, match="norm of v0"):
         TangentAccumulator([torch.zeros(3)], "l2")
+
+
+def test_local_exponent_keeps_a_short_exponential_phase():
+    # flat alignment for 5 steps, growth 0.2/step for 12 steps (2.4 e-folds < ln 10), then a plateau:
+    # cutting a whole decade before the knee would leave only the flat steps (slope 0)
+    t = np.arange(51.0)
+    y = -18.4 + np.where(t < 5, 0.0, np.where(t < 17, 0.2 * (t - 5), 2.4 + 0.02 * (t - 17)))
+    fit = local_exponent(y)
+    assert fit.saturated and fit.stop > 6
+    assert fit.slope > 0.1
+    assert local_exponent(y, start=5).slope == pytest.approx(0.2, rel=0.05)

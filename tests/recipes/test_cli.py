@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipes.cli import main
+from recipes.cli import run as main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -123,3 +123,19 @@ def test_quickstart_under_ddp_through_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "chaos_callbacks summary after 12 steps" in proc.stdout + proc.stderr
     assert "hessian/lambda_max" in proc.stdout + proc.stderr
+
+
+def test_console_script_exits_zero(tmp_path):
+    """``chaos-train`` as pip installs it (``sys.exit(main())``) must exit 0 after a successful fit."""
+    code = (
+        "import sys\n"
+        "from importlib.metadata import entry_points\n"
+        "(ep,) = [e for e in entry_points(group='console_scripts') if e.name == 'chaos-train']\n"
+        f"sys.argv = ['chaos-train', 'fit', '--config', {str(ROOT / 'configs' / 'quickstart.yaml')!r},\n"
+        f"            '--trainer.max_steps', '2', '--trainer.logger.init_args.save_dir', {str(tmp_path)!r},\n"
+        "            '--trainer.enable_checkpointing', 'false']\n"
+        "sys.exit(ep.load()())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
