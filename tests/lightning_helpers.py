@@ -65,6 +65,21 @@ class TinyNet(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
+class ManualTinyNet(TinyNet):
+    """TinyNet with manual optimization: its ``training_step`` steps the optimizer itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
 def loader(dataset: TensorDataset | None = None, batch_size: int = 16, shuffle: bool = True) -> DataLoader:
     return DataLoader(dataset or random_classification(), batch_size=batch_size, shuffle=shuffle)
 

@@ -11,6 +11,7 @@ from torch import nn
 from chaos_callbacks import HessianSpectrumMonitor
 from tests.helpers import exact_hessian
 from tests.lightning_helpers import (
+    ManualTinyNet,
     TinyNet,
     assert_identical_runs,
     fit_snapshot,
@@ -160,20 +161,8 @@ def test_no_trainable_parameters_is_skipped():
 
 
 def test_manual_optimization_without_loss_fn_is_refused():
-    class Manual(TinyNet):
-        def __init__(self):
-            super().__init__()
-            self.automatic_optimization = False
-
-        def training_step(self, batch, batch_idx):
-            opt = self.optimizers()
-            loss = super().training_step(batch, batch_idx)
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
-
     with pytest.raises(ValueError, match="loss_fn"):
-        trainer(callbacks=[HessianSpectrumMonitor()], max_steps=1, max_epochs=None).fit(Manual(), loader())
+        trainer(callbacks=[HessianSpectrumMonitor()], max_steps=1, max_epochs=None).fit(ManualTinyNet(), loader())
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from chaos_callbacks.callbacks.lyapunov_twin import LyapunovTwinRun
 from chaos_callbacks.dynamics.lyapunov import random_perturbation
 from chaos_callbacks.plotting.lyapunov import log_distance_figure
 from tests.lightning_helpers import (
+    ManualTinyNet,
     TinyNet,
     assert_identical_runs,
     fit_snapshot,
@@ -389,19 +390,6 @@ def test_non_finite_twin_is_reseeded_with_one_warning(mode):
     assert accumulator.steps == 6 and math.isfinite(callback.mle)
 
 
-class Manual(TinyNet):
-    def __init__(self):
-        super().__init__()
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        loss = super().training_step(batch, batch_idx)
-        opt.zero_grad()
-        self.manual_backward(loss)
-        opt.step()
-
-
 class CustomClipping(TinyNet):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         self.clip_gradients(optimizer, 0.1, "value")
@@ -420,7 +408,7 @@ class TwoGroups(TinyNet):
         (dict(mode="tangent"), TinyNet, dict(gradient_clip_val=1.0), "clipping"),
         (dict(), TinyNet, dict(precision="bf16-mixed"), "precision"),
         (dict(), CustomClipping, {}, "configure_gradient_clipping"),
-        (dict(), Manual, {}, "manual optimization"),
+        (dict(), ManualTinyNet, {}, "manual optimization"),
         (dict(), DoubleWell, {}, "perturb='all'"),
         (dict(epsilon=1e-12), TinyNet, {}, "erased by rounding"),
     ],
