@@ -6,9 +6,10 @@ Nothing here computes a diagnostic; it only moves tensors between Lightning and 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -18,7 +19,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchmetrics import Metric
+
+from chaos_callbacks.callbacks._shadow import shadow
 
 LossFn = Callable[[LightningModule, Any], Tensor]
 
@@ -52,27 +56,29 @@ def _clone(value: Any) -> Any:
 
 
 @contextmanager
-def _muted_logging(pl_module: LightningModule) -> Iterator[None]:
-    """Make ``self.log``/``self.log_dict`` no-ops while the user's ``training_step`` is re-run."""
-    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    try:
+def second_order_kernels() -> Iterator[None]:
+    """Kernels that have a double backward: eager code instead of compiled graphs (aot_autograd has
+    none) and the math scaled-dot-product attention (the flash and memory-efficient kernels have
+    none, on CPU and GPU)."""
+    with ExitStack() as stack:
+        if hasattr(torch.compiler, "set_stance"):
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         yield
-    finally:
-        del pl_module.log
-        del pl_module.log_dict
 
 
 @contextmanager
-def no_harm(pl_module: LightningModule, train_mode: bool | None = True) -> Iterator[None]:
+def no_harm(pl_module: LightningModule, train_mode: bool | None = True, second_order: bool = False) -> Iterator[None]:
     """Run extra forward/backward passes without changing what training sees.
 
     On exit the global RNG streams (torch, CUDA, numpy, python), every module buffer (batch-norm
     running statistics), every torchmetrics state and every module's train/eval flag are restored;
-    inside, autocast is off, gradients are enabled and ``self.log`` is muted. Buffers are restored
+    inside, autocast is off and gradients are enabled. The user's code itself runs on a shadow of
+    the module (:func:`compute_loss`), so its Python state is never written. Buffers are restored
     only on exit, after all autograd calls (batch norm saves its statistics for backward).
     ``train_mode=None`` keeps every module's current train/eval flag (to replay the step exactly as
-    the optimizer sees it, e.g. with a frozen submodule kept in eval mode).
+    the optimizer sees it, e.g. with a frozen submodule kept in eval mode). ``second_order=True``
+    selects kernels with a double backward (:func:`second_order_kernels`) for Hessian products.
     """
     error: BaseException | None = None
     # CUDA's RNG can only have been used once CUDA is initialised; probing it otherwise costs ~0.4 ms
@@ -85,7 +91,11 @@ def no_harm(pl_module: LightningModule, train_mode: bool | None = True) -> Itera
         if train_mode is not None:
             pl_module.train(train_mode)
         try:
-            with torch.enable_grad(), torch.autocast(device_type=device_type, enabled=False), _muted_logging(pl_module):
+            with ExitStack() as stack:
+                stack.enter_context(torch.enable_grad())
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+                if second_order:
+                    stack.enter_context(second_order_kernels())
                 yield
         except BaseException as exc:  # re-raised after the RNG is restored
             error = exc
@@ -102,6 +112,15 @@ def no_harm(pl_module: LightningModule, train_mode: bool | None = True) -> Itera
         raise error
 
 
+def user_module(pl_module: LightningModule) -> LightningModule:
+    """A shadow of ``pl_module`` to run the user's code on (:mod:`~chaos_callbacks.callbacks._shadow`),
+    with ``self.log``/``self.log_dict`` muted."""
+    module = shadow(pl_module)
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    return module
+
+
 def check_loss_resolvable(pl_module: LightningModule, loss_fn: LossFn | None, owner: str) -> None:
     """Raise ``ValueError`` at fit start when no loss can be derived for ``pl_module``."""
     if loss_fn is None and not pl_module.automatic_optimization:
@@ -114,13 +133,16 @@ def check_loss_resolvable(pl_module: LightningModule, loss_fn: LossFn | None, ow
 def compute_loss(pl_module: LightningModule, batch: Any, loss_fn: LossFn | None, batch_idx: int = 0) -> Tensor:
     """The scalar training loss of ``batch``: ``loss_fn(module, batch)`` or the module's own ``training_step``.
 
-    Call inside :func:`no_harm` (which mutes ``self.log`` and restores metric states).
+    Both run on a shadow of the module (:func:`user_module`): parameters and buffers are the
+    module's own, its other Python state is a copy, ``self.log`` is muted. Call inside
+    :func:`no_harm` (which restores buffers, metric states and RNG).
     """
+    module = user_module(pl_module)
     if loss_fn is not None:
-        loss = loss_fn(pl_module, batch)
+        loss = loss_fn(module, batch)
     else:
-        out = pl_module.training_step(batch, batch_idx)
-        loss = out["loss"] if isinstance(out, dict) else out
+        out = module.training_step(batch, batch_idx)
+        loss = out.get("loss") if isinstance(out, dict) else out
     if not isinstance(loss, Tensor) or loss.ndim != 0:
         raise EstimateSkipped(
             "the loss must be a scalar tensor; training_step returned "
@@ -181,10 +203,14 @@ def mean_reducer(trainer: Trainer) -> Callable[[Tensor], Tensor]:
 
 
 def current_lr(trainer: Trainer) -> float | None:
-    """Learning rate of the first param group of the first optimizer."""
+    """Learning rate of the first param group of the first optimizer (``None`` if it has no ``lr``)."""
     if not trainer.optimizers:
         return None
-    return float(trainer.optimizers[0].param_groups[0]["lr"])
+    lr = trainer.optimizers[0].param_groups[0].get("lr")
+    try:
+        return None if lr is None else float(lr)
+    except (TypeError, ValueError):  # e.g. a tensor lr on another device, or a custom object
+        return None
 
 
 def log_scalars(
@@ -251,6 +277,34 @@ class WarnOnce:
         if kind not in self.seen:
             self.seen.add(kind)
             rank_zero_warn(f"{self.owner}: {message} (skipped; later occurrences are counted, not warned)")
+
+
+def contain_failures(area: str, warn: str = "_warn") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a per-step callback hook so that no exception raised in it stops training.
+
+    Any ``Exception`` (not ``KeyboardInterrupt``/``SystemExit``) is warned once per type with its
+    message, counted by the callback's :class:`WarnOnce` (attribute ``warn``) and logged as
+    ``<area>/skipped``; the hook returns ``None``. Configuration errors belong in ``on_fit_start``/
+    ``on_train_start``, which are not decorated, so they still fail the run before the first step.
+    """
+
+    def decorate(hook: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(hook)
+        def contained(self: Any, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return hook(self, trainer, pl_module, *args, **kwargs)
+            except Exception as exc:
+                counter: WarnOnce = getattr(self, warn)
+                counter(f"error:{type(exc).__name__}", f"{hook.__name__} failed at step {trainer.global_step} with {type(exc).__name__}: {exc}")
+                try:
+                    log_scalars(trainer, pl_module, {f"{area}/skipped": counter.count}, trainer.global_step)
+                except Exception:  # logging itself failed: the warning above is all we can do
+                    pass
+                return None
+
+        return contained
+
+    return decorate
 
 
 def is_finite(*values: float | None) -> bool:

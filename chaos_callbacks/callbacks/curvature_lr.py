@@ -338,7 +338,7 @@ class CurvatureLRScheduler(Callback):
         self._num_estimates += 1
         params, scale = self._coordinates(trainer.optimizers[0])
         sizes = [plumb.batch_size_of(b) for b in batches]
-        with plumb.no_harm(pl_module):
+        with plumb.no_harm(pl_module, second_order=True):
             closures = [(lambda b=b: plumb.compute_loss(pl_module, b, self.loss_fn, batch_idx)) for b in batches]
             op = HessianOperator(params, closures, [s / sum(sizes) for s in sizes], reduce=plumb.mean_reducer(trainer))
             if not plumb.is_finite(op.loss) or not torch.isfinite(op.gradient).all():

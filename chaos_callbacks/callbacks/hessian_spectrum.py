@@ -184,7 +184,7 @@ class HessianSpectrumMonitor(Callback):
     def _estimate(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any], batch_idx: int) -> dict[str, float]:
         generator = torch.Generator().manual_seed(self.seed + self._num_estimates)
         self._num_estimates += 1
-        with plumb.no_harm(pl_module, train_mode=self.hessian_mode == "train"):
+        with plumb.no_harm(pl_module, train_mode=self.hessian_mode == "train", second_order=True):
             op = self._operator(trainer, pl_module, batches, batch_idx)
             if not plumb.is_finite(op.loss) or not torch.isfinite(op.gradient).all():
                 raise plumb.EstimateSkipped(f"non-finite probe loss or gradient (loss={op.loss})")

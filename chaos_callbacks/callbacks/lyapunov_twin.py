@@ -646,11 +646,11 @@ class LyapunovTwinRun(Callback):
         """Mean over twins of ‖f_twin(X) − f_main(X)‖ on the probe batch X (eval mode; union of the ranks' shards)."""
         targets = [*self._params, *pl_module.buffers()]
         with plumb.no_harm(pl_module, train_mode=False), torch.no_grad():
-            main = self.output_fn(pl_module, self._probe).to(torch.float64)
+            main = self.output_fn(plumb.user_module(pl_module), self._probe).to(torch.float64)
             sums = []
             for twin in self._twins:
                 with _swapped(targets, [*twin.params, *twin.buffers]):
-                    diff = (self.output_fn(pl_module, self._probe).to(torch.float64) - main).abs()
+                    diff = (self.output_fn(plumb.user_module(pl_module), self._probe).to(torch.float64) - main).abs()
                 sums.append(diff.sum() if self.norm == "l1" else diff.square().sum())
         total = plumb.mean_reducer(trainer)(torch.stack(sums)) * trainer.world_size
         distances = total if self.norm == "l1" else total.sqrt()
@@ -662,7 +662,7 @@ class LyapunovTwinRun(Callback):
         if not all(p.requires_grad for p in self._params):
             raise plumb.EstimateSkipped("a tracked parameter was frozen")
         scale = 1.0 / trainer.accumulate_grad_batches
-        with plumb.no_harm(pl_module, train_mode=None):
+        with plumb.no_harm(pl_module, train_mode=None, second_order=True):
             op = HessianOperator(
                 self._params,
                 [lambda: plumb.compute_loss(pl_module, batch, self.loss_fn, batch_idx)],

@@ -1,0 +1,113 @@
+"""Argument checks shared by the callbacks.
+
+Each check returns the value normalised (numpy integers become ``int``, integral numbers used as
+floats become ``float``) or raises ``ValueError("<Callback>: <argument> must be …, got …")``. Bools
+are never accepted where a number goes, floats never where an int goes, and NaN/inf never.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+def _fail(owner: str, name: str, expected: str, value: Any) -> ValueError:
+    return ValueError(f"{owner}: {name} must be {expected}, got {value!r}")
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int | None = None, maximum: int | None = None, allow_none: bool = False) -> int | None:
+    """An integer (``int`` or numpy integer) in ``[minimum, maximum]``, or ``None`` if allowed."""
+    if value is None and allow_none:
+        return None
+    bounds = f" >= {minimum}" if minimum is not None else ""
+    bounds += f" and <= {maximum}" if maximum is not None else ""
+    expected = f"an int{bounds}" + (" or None" if allow_none else "")
+    if _is_bool(value) or not isinstance(value, numbers.Integral):
+        raise _fail(owner, name, expected, value)
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise _fail(owner, name, expected, value)
+    return value
+
+
+def check_float(
+    owner: str,
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+) -> float | None:
+    """A finite real number in the interval given by ``low``/``high`` (open ends if asked), or ``None`` if allowed."""
+    if value is None and allow_none:
+        return None
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    interval = f" in {left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+    expected = f"a finite number{interval}" + (" or None" if allow_none else "")
+    if _is_bool(value) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise _fail(owner, name, expected, value)
+    value = float(value)
+    if low is not None and (value < low or (low_open and value == low)):
+        raise _fail(owner, name, expected, value)
+    if high is not None and (value > high or (high_open and value == high)):
+        raise _fail(owner, name, expected, value)
+    return value
+
+
+def check_bool(owner: str, name: str, value: Any) -> bool:
+    """``True`` or ``False`` (numpy bools accepted)."""
+    if not _is_bool(value):
+        raise _fail(owner, name, "True or False", value)
+    return bool(value)
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Sequence[T]) -> T:
+    """One of ``choices`` (compared by equality; strings only match strings)."""
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise _fail(owner, name, "one of " + ", ".join(repr(c) for c in choices), value)
+    return value
+
+
+def check_callable(owner: str, name: str, value: Any, allow_none: bool = True) -> Callable[..., Any] | None:
+    """A callable, or ``None`` if allowed."""
+    if value is None and allow_none:
+        return None
+    if not callable(value):
+        raise _fail(owner, name, "a callable" + (" or None" if allow_none else ""), value)
+    return value
+
+
+def check_probe(owner: str, name: str, value: Any) -> str | int:
+    """``"batch"`` or a positive number of examples."""
+    if isinstance(value, str):
+        if value != "batch":
+            raise _fail(owner, name, "'batch' or a positive int (number of probe examples)", value)
+        return value
+    return check_int(owner, name, value, minimum=1)  # type: ignore[return-value]
+
+
+def check_regex(owner: str, name: str, value: Any, allow_none: bool = True) -> re.Pattern[str] | None:
+    """A valid regular expression (compiled), or ``None`` if allowed."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str):
+        raise _fail(owner, name, "a regular expression string" + (" or None" if allow_none else ""), value)
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise _fail(owner, name, f"a valid regular expression ({exc})", value) from exc
