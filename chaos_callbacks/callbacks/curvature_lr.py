@@ -14,6 +14,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from chaos_callbacks.callbacks import _plumbing as plumb
+from chaos_callbacks.callbacks import _validation as V
 from chaos_callbacks.curvature import HessianOperator, NoTrainableParametersError, gradient_weighted_curvature, lanczos
 from chaos_callbacks.curvature.lr_rules import (
     adam_preconditioner,
@@ -139,45 +140,22 @@ class CurvatureLRScheduler(Callback):
         warm_start: bool = True,
         seed: int = 0,
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps}")
-        if mode not in ("quasi_newton", "edge_of_stability", "dal"):
-            raise ValueError(f"mode must be 'quasi_newton', 'edge_of_stability' or 'dal', got {mode!r}")
-        if not scale > 0:
-            raise ValueError(f"scale must be positive, got {scale}")
-        if not fraction > 0:
-            raise ValueError(f"fraction must be positive, got {fraction}")
-        if not 0 <= power <= 1:
-            raise ValueError(f"power must be in [0, 1], got {power}")
-        if not 0 <= ema < 1:
-            raise ValueError(f"ema must be in [0, 1), got {ema}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if not 0 <= min_lr < math.inf:
-            raise ValueError(f"min_lr must be finite and >= 0, got {min_lr}")
-        if max_lr is not None and not (0 < max_lr < math.inf and max_lr >= min_lr):
-            raise ValueError(f"max_lr must be finite, positive and >= min_lr={min_lr}, got {max_lr}")
-        if not (probe == "batch" or (isinstance(probe, int) and not isinstance(probe, bool) and probe > 0)):
-            raise ValueError(f"probe must be 'batch' or a positive number of examples, got {probe!r}")
-        if not 0 < tol < 1:
-            raise ValueError(f"tol must be in (0, 1), got {tol}")
-        if max_hvps < 2:
-            raise ValueError(f"max_hvps must be >= 2, got {max_hvps}")
-        self.every_n_steps = every_n_steps
-        self.mode = mode
-        self.scale = scale
-        self.fraction = fraction
-        self.power = power
-        self.ema = ema
-        self.warmup_steps = warmup_steps
-        self.min_lr = min_lr
-        self.max_lr = max_lr
-        self.loss_fn = loss_fn
-        self.probe = probe
-        self.tol = tol
-        self.max_hvps = max_hvps
-        self.warm_start = warm_start
-        self.seed = seed
+        name = type(self).__name__
+        self.every_n_steps = V.check_int(name, "every_n_steps", every_n_steps, minimum=1)
+        self.mode = V.check_choice(name, "mode", mode, ("quasi_newton", "edge_of_stability", "dal"))
+        self.scale = V.check_float(name, "scale", scale, 0, low_open=True)
+        self.fraction = V.check_float(name, "fraction", fraction, 0, low_open=True)
+        self.power = V.check_float(name, "power", power, 0, 1)
+        self.ema = V.check_float(name, "ema", ema, 0, 1, high_open=True)
+        self.warmup_steps = V.check_int(name, "warmup_steps", warmup_steps, minimum=0)
+        self.min_lr = V.check_float(name, "min_lr", min_lr, 0)
+        self.max_lr = V.check_float(name, "max_lr", max_lr, self.min_lr, low_open=self.min_lr == 0, allow_none=True)
+        self.loss_fn = V.check_callable(name, "loss_fn", loss_fn)
+        self.probe = V.check_probe(name, "probe", probe)
+        self.tol = V.check_float(name, "tol", tol, 0, 1, low_open=True, high_open=True)
+        self.max_hvps = V.check_int(name, "max_hvps", max_hvps, minimum=2)
+        self.warm_start = V.check_bool(name, "warm_start", warm_start)
+        self.seed = V.check_int(name, "seed", seed, minimum=0)
         self.scheduler: HeldLR | None = None
         self._warn = plumb.WarnOnce(type(self).__name__)
         self._ratios: list[float] = []
@@ -230,6 +208,7 @@ class CurvatureLRScheduler(Callback):
         if isinstance(self.probe, int) and self._probe_batches is None:
             self._probe_batches = plumb.draw_probe_batches(trainer, self.probe)
 
+    @plumb.contain_failures("curvature_lr")
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if step == self._last_step:  # later micro-batches of an accumulated step
@@ -299,8 +278,8 @@ class CurvatureLRScheduler(Callback):
         batches = [batch] if self._probe_batches is None else [plumb.to_device(trainer, b) for b in self._probe_batches]
         try:
             value = self._estimate(trainer, pl_module, batches, batch_idx)
-        except (plumb.EstimateSkipped, NoTrainableParametersError, FloatingPointError) as exc:
-            self._warn(type(exc).__name__, f"curvature estimate skipped at step {step}, learning rate held: {exc}")
+        except Exception as exc:  # any failure of a diagnostic estimate holds the rate; training goes on
+            self._warn(type(exc).__name__, f"curvature estimate skipped at step {step}, learning rate held ({type(exc).__name__}: {exc})")
             return
         problem = curvature_problem(value)
         if problem is not None:

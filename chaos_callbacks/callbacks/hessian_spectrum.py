@@ -8,9 +8,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from chaos_callbacks.callbacks import _plumbing as plumb
+from chaos_callbacks.callbacks import _validation as V
 from chaos_callbacks.curvature import (
     HessianOperator,
-    NoTrainableParametersError,
     gradient_weighted_curvature,
     hutchinson_trace,
     lanczos,
@@ -91,51 +91,33 @@ class HessianSpectrumMonitor(Callback):
         warm_start: bool = True,
         seed: int = 0,
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        if method not in ("lanczos", "power", "lyapunov"):
-            raise ValueError(f"method must be 'lanczos', 'power' or 'lyapunov', got {method!r}")
-        if method != "lanczos" and top_k > 1:
-            raise ValueError(f"top_k > 1 needs method='lanczos' ({method!r} estimates one eigenvalue)")
-        if not (probe == "batch" or (isinstance(probe, int) and not isinstance(probe, bool) and probe > 0)):
-            raise ValueError(f"probe must be 'batch' or a positive number of examples, got {probe!r}")
-        if not 0 < tol < 1 or not 0 < lambda_min_tol < 1:
-            raise ValueError(f"tol and lambda_min_tol must be in (0, 1), got {tol}, {lambda_min_tol}")
-        if max_hvps < top_k + 1:
-            raise ValueError(f"max_hvps must be at least top_k + 1 = {top_k + 1}, got {max_hvps}")
-        if trace_samples < 2:
-            raise ValueError(f"trace_samples must be >= 2, got {trace_samples}")
-        if density_probes < 1 or density_steps < 2:
-            raise ValueError("density_probes must be >= 1 and density_steps >= 2")
-        if density_every_n_steps is not None and (
-            density_every_n_steps < 1 or density_every_n_steps % every_n_steps
-        ):
+        name = type(self).__name__
+        self.every_n_steps = V.check_int(name, "every_n_steps", every_n_steps, minimum=1)
+        self.top_k = V.check_int(name, "top_k", top_k, minimum=1)
+        self.loss_fn = V.check_callable(name, "loss_fn", loss_fn)
+        self.probe = V.check_probe(name, "probe", probe)
+        self.method = V.check_choice(name, "method", method, ("lanczos", "power", "lyapunov"))
+        if self.method != "lanczos" and self.top_k > 1:
+            raise ValueError(f"{name}: top_k > 1 needs method='lanczos' ({method!r} estimates one eigenvalue), got top_k={top_k}")
+        self.lambda_min = V.check_bool(name, "lambda_min", lambda_min) and self.method == "lanczos"
+        self.lambda_min_tol = V.check_float(name, "lambda_min_tol", lambda_min_tol, 0, 1, low_open=True, high_open=True)
+        self.trace = V.check_bool(name, "trace", trace)
+        self.trace_samples = V.check_int(name, "trace_samples", trace_samples, minimum=2)
+        self.density = V.check_bool(name, "density", density)
+        self.density_probes = V.check_int(name, "density_probes", density_probes, minimum=1)
+        self.density_steps = V.check_int(name, "density_steps", density_steps, minimum=2)
+        density_every = V.check_int(name, "density_every_n_steps", density_every_n_steps, minimum=1, allow_none=True)
+        if density_every is not None and density_every % self.every_n_steps:
             raise ValueError(
-                f"density_every_n_steps must be a positive multiple of every_n_steps={every_n_steps}, "
+                f"{name}: density_every_n_steps must be a positive multiple of every_n_steps={every_n_steps}, "
                 f"got {density_every_n_steps}"
             )
-        if hessian_mode not in ("train", "eval"):
-            raise ValueError(f"hessian_mode must be 'train' or 'eval', got {hessian_mode!r}")
-        self.every_n_steps = every_n_steps
-        self.top_k = top_k
-        self.loss_fn = loss_fn
-        self.probe = probe
-        self.method = method
-        self.lambda_min = lambda_min and method == "lanczos"
-        self.lambda_min_tol = lambda_min_tol
-        self.trace = trace
-        self.trace_samples = trace_samples
-        self.density = density
-        self.density_probes = density_probes
-        self.density_steps = density_steps
-        self.density_every_n_steps = density_every_n_steps or every_n_steps
-        self.tol = tol
-        self.max_hvps = max_hvps
-        self.hessian_mode = hessian_mode
-        self.warm_start = warm_start
-        self.seed = seed
+        self.density_every_n_steps = density_every or self.every_n_steps
+        self.tol = V.check_float(name, "tol", tol, 0, 1, low_open=True, high_open=True)
+        self.max_hvps = V.check_int(name, "max_hvps", max_hvps, minimum=self.top_k + 1)
+        self.hessian_mode = V.check_choice(name, "hessian_mode", hessian_mode, ("train", "eval"))
+        self.warm_start = V.check_bool(name, "warm_start", warm_start)
+        self.seed = V.check_int(name, "seed", seed, minimum=0)
         self._warn = plumb.WarnOnce(type(self).__name__)
         self._probe_batches: list[Any] | None = None
         self._warm_vectors: torch.Tensor | None = None
@@ -156,6 +138,7 @@ class HessianSpectrumMonitor(Callback):
         if isinstance(self.probe, int) and self._probe_batches is None:
             self._probe_batches = plumb.draw_probe_batches(trainer, self.probe)
 
+    @plumb.contain_failures("hessian")
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if step % self.every_n_steps or step == self._last_step:
@@ -164,8 +147,8 @@ class HessianSpectrumMonitor(Callback):
         batches = [batch] if self._probe_batches is None else [plumb.to_device(trainer, b) for b in self._probe_batches]
         try:
             metrics = self._estimate(trainer, pl_module, batches, batch_idx)
-        except (plumb.EstimateSkipped, NoTrainableParametersError, FloatingPointError) as exc:
-            self._warn(type(exc).__name__, f"Hessian estimate skipped at step {step}: {exc}")
+        except Exception as exc:  # any failure inside a diagnostic: skip, warn once per kind, count, go on
+            self._warn(type(exc).__name__, f"Hessian estimate skipped at step {step} ({type(exc).__name__}: {exc})")
             plumb.log_scalars(trainer, pl_module, {"hessian/skipped": self._warn.count}, step)
             return
         self.last_estimate = metrics
