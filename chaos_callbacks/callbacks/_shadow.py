@@ -10,8 +10,8 @@ module. :func:`shadow` builds a stand-in of the module tree for that re-run:
   :func:`~chaos_callbacks.callbacks._plumbing.no_harm` restores);
 - every other attribute is a copy: containers (``list``, ``dict``, ``set``, ``deque``, …) are
   copied recursively, tensors kept directly as attributes are cloned, ``torch.Generator`` states
-  are copied, bound methods of a module are re-bound to its shadow, other objects are shallow
-  copies (``copy.copy``);
+  are copied, bound methods of a module are re-bound to its shadow, other objects are copied
+  (``copy.copy``, then their attributes the same way, recursively);
 - framework objects the module merely refers to (the Trainer, data modules, loggers,
   optimizers, data loaders, datasets, callbacks) and tensors inside containers are shared;
 - ``torch.compile``: an ``OptimizedModule`` is replaced by the shadow of its eager original, and
@@ -115,6 +115,11 @@ class _Copier:
                 clone = copy.copy(value)
             except Exception:  # uncopyable (locks, file handles, C objects): shared
                 return value
+            self.memo[id(value)] = clone
+            attributes = getattr(clone, "__dict__", None)
+            if isinstance(attributes, dict) and attributes is not getattr(value, "__dict__", None):
+                for key, item in list(attributes.items()):
+                    attributes[key] = self.value(item)
         self.memo[id(value)] = clone
         return clone
 
