@@ -1,4 +1,4 @@
-"""The layering of ../shared/design.md: pure cores never import Lightning."""
+"""The layering of docs/design.md: pure cores never import Lightning."""
 
 import subprocess
 import sys
