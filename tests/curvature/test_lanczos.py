@@ -7,7 +7,6 @@ from chaos_callbacks.curvature import (
     HessianOperator,
     hutchinson_trace,
     lanczos,
-    lyapunov_map_lambda_max,
     power_iteration,
     spectral_density,
 )
@@ -120,35 +119,6 @@ def test_spectral_density_matches_exact_spectrum():
     # first moment: Hutchinson-type estimate of the mean eigenvalue, within Monte-Carlo error
     mean = float((dens.nodes * dens.weights).sum())
     assert mean == pytest.approx(float(evals.mean()), abs=0.35 * float(evals.abs().max()) / math.sqrt(8 * n) * 3)
-
-
-def test_lyapunov_map_estimator_finds_lambda_max():
-    op, evals, _ = _problem("mlp")
-    res = lyapunov_map_lambda_max(op, op.dim, tol=1e-6, max_matvecs=400, dtype=torch.float64,
-                                  generator=torch.Generator().manual_seed(0))
-    assert res.lambda_max == pytest.approx(float(evals[-1]), rel=1e-3)
-    assert res.exponent == pytest.approx(math.log1p(res.ascent_lr * float(evals[-1])), rel=1e-3)
-
-
-def test_lyapunov_map_ascent_ignores_negative_dominant():
-    evals = torch.tensor([-10.0, -3.0, 0.5, 1.0, 2.0], dtype=torch.float64)
-    A = torch.diag(evals)
-    res = lyapunov_map_lambda_max(lambda v: A @ v, 5, ascent_lr=0.1, tol=1e-10, max_matvecs=2000,
-                                  dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    # J = I + 0.1 A has multipliers 0, 0.7, 1.05, 1.1, 1.2: the dominant one belongs to λ_max = 2
-    assert res.lambda_max == pytest.approx(2.0, rel=1e-6)
-
-
-def test_lyapunov_map_default_ascent_lr_is_not_fooled_by_a_dominant_negative_eigenvalue():
-    # |λ_min| = 10 > λ_max = 2: an ascent rate above 1/‖H‖ would make 1 + η_a λ_min dominate
-    evals = torch.tensor([-10.0, -3.0, 0.5, 1.0, 2.0], dtype=torch.float64)
-    Q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
-    A = Q @ torch.diag(evals) @ Q.T
-    res = lyapunov_map_lambda_max(lambda v: A @ v, 5, tol=1e-9, max_matvecs=3000, dtype=torch.float64,
-                                  generator=torch.Generator().manual_seed(0))
-    assert res.converged
-    assert res.lambda_max == pytest.approx(2.0, rel=1e-5)
-    assert abs(1 - 10.0 * res.ascent_lr) < 1 + 2.0 * res.ascent_lr  # λ_max's multiplier dominates
 
 
 def test_top_k_tolerance_is_relative_to_lambda_max_even_when_lambda_min_dominates():
