@@ -1,14 +1,16 @@
-"""The twin of ``LyapunovTwinRun``: a second copy of the trained parameters that repeats the main run's optimizer steps.
+"""The twins of ``LyapunovTwinRun``: copies of the trained parameters that repeat the main run's optimizer
+steps (:class:`Twin`), and the ln d(t) record of each perturbed trajectory (:class:`Track`).
 
-Plain torch (no Lightning): the callback decides when the twin steps, with which gradient and
-hyperparameters; this module holds the twin's tensors, rebuilds the main optimizer over them and
-evaluates the module at the twin's weights without copying.
+Plain torch (no Lightning): the callback decides when a twin steps, with which gradient and
+hyperparameters; this module holds the twin's tensors, rebuilds the main optimizer over them,
+evaluates the module at the twin's weights without copying, and keeps the bounded history.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -17,7 +19,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from chaos_callbacks.dynamics.lyapunov import BenettinAccumulator
+from chaos_callbacks.dynamics.lyapunov import BenettinAccumulator, DecimatedCurve
+
+HISTORY_POINTS = 2048  # ln d(t) samples kept per twin
 
 
 @contextmanager
@@ -160,3 +164,48 @@ class Twin:
                 t.copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.benettin.load_state_dict(state["benettin"])
+
+
+class Track:
+    """ln d(t) of one perturbed trajectory since its last (re)seed, and its current Benettin interval.
+
+    The history is a :class:`~chaos_callbacks.dynamics.lyapunov.DecimatedCurve` of at most
+    ``HISTORY_POINTS`` samples, whatever the length of the run. A track without a valid separation
+    (its ε was erased by rounding) is ``idle`` until the next re-seed.
+    """
+
+    def __init__(self) -> None:
+        self.curve = DecimatedCurve(HISTORY_POINTS)
+        self.last = math.nan  # ln d measured after the latest step, before any renormalisation
+        self.now = math.nan  # ln d of the current state (after renormalisation)
+        self.interval_start = math.nan  # ln d at the start of the current interval
+        self.since = 0  # optimizer steps into the current interval
+        self.ftle = math.nan
+
+    @property
+    def idle(self) -> bool:
+        return not math.isfinite(self.now)
+
+    def restart(self, step: int, log_d: float) -> None:
+        """A new history from ``log_d`` (NaN: no valid separation, the track is idle)."""
+        self.curve.clear()
+        if math.isfinite(log_d):
+            self.curve.append(step, log_d)
+        self.last = log_d
+        self.start_interval(log_d)
+
+    def start_interval(self, log_d: float) -> None:
+        self.interval_start, self.now, self.since = log_d, log_d, 0
+
+    def record(self, step: int, log_d: float) -> None:
+        self.curve.append(step, log_d)
+        self.last = self.now = log_d
+        self.since += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**vars(self), "curve": self.curve.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.curve.load_state_dict(state.pop("curve"))
+        vars(self).update(state)

@@ -20,10 +20,9 @@ from torch.utils.hooks import RemovableHandle
 
 from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks import _validation as check
-from chaos_callbacks.callbacks._twin_mirror import Twin, hyperparameters, structure, swapped
+from chaos_callbacks.callbacks._twin_mirror import Track, Twin, hyperparameters, structure, swapped
 from chaos_callbacks.curvature.hvp import HessianOperator, flatten, unflatten
 from chaos_callbacks.dynamics.lyapunov import (
-    DecimatedCurve,
     LocalExponentFit,
     Norm,
     TangentAccumulator,
@@ -41,56 +40,10 @@ Perturb = Literal["weights", "all"]
 OutputFn = Callable[[LightningModule, Any], Tensor]
 _SGD_KEYS = ("lr", "momentum", "weight_decay", "dampening", "nesterov")
 _TWIN_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
-HISTORY_POINTS = 2048  # ln d(t) samples kept per twin (DecimatedCurve)
 _RESOLVED = 0.01  # an explicit ε is warned about when rounding can move it by more than this fraction
 
 
 # --------------------------------------------------------------------------- helpers (no hooks)
-class _Track:
-    """ln d(t) of one perturbed trajectory since its last (re)seed, and its current Benettin interval.
-
-    The history is a :class:`~chaos_callbacks.dynamics.lyapunov.DecimatedCurve` of at most
-    ``HISTORY_POINTS`` samples, whatever the length of the run. A track without a valid separation
-    (its ε was erased by rounding) is ``idle`` until the next re-seed.
-    """
-
-    def __init__(self) -> None:
-        self.curve = DecimatedCurve(HISTORY_POINTS)
-        self.last = math.nan  # ln d measured after the latest step, before any renormalisation
-        self.now = math.nan  # ln d of the current state (after renormalisation)
-        self.interval_start = math.nan  # ln d at the start of the current interval
-        self.since = 0  # optimizer steps into the current interval
-        self.ftle = math.nan
-
-    @property
-    def idle(self) -> bool:
-        return not math.isfinite(self.now)
-
-    def restart(self, step: int, log_d: float) -> None:
-        """A new history from ``log_d`` (NaN: no valid separation, the track is idle)."""
-        self.curve.clear()
-        if math.isfinite(log_d):
-            self.curve.append(step, log_d)
-        self.last = log_d
-        self.start_interval(log_d)
-
-    def start_interval(self, log_d: float) -> None:
-        self.interval_start, self.now, self.since = log_d, log_d, 0
-
-    def record(self, step: int, log_d: float) -> None:
-        self.curve.append(step, log_d)
-        self.last = self.now = log_d
-        self.since += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**vars(self), "curve": self.curve.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        self.curve.load_state_dict(state.pop("curve"))
-        vars(self).update(state)
-
-
 @contextmanager
 def _main_step_precision(trainer: Trainer) -> Iterator[None]:
     """The precision context of the main training step (bf16 autocast under ``bf16-mixed``, float64
@@ -135,7 +88,7 @@ def _summarise(values: dict[str, list[float]], with_stderr: Sequence[str]) -> di
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
-def _fit_or_none(track: _Track) -> LocalExponentFit | None:
+def _fit_or_none(track: Track) -> LocalExponentFit | None:
     steps, log_d = track.curve.points()
     if len(log_d) < 3:
         return None
@@ -299,7 +252,7 @@ class LyapunovTwinRun(Callback):
         self._twins: list[Twin] = []
         self._tangents: list[TangentAccumulator] = []
         self._hv: list[list[Tensor] | None] = []
-        self._tracks: list[_Track] = []
+        self._tracks: list[Track] = []
         self._structure: tuple[int, ...] = ()
         self._perturbed: list[bool] = []
         self._generator = torch.Generator().manual_seed(self.seed)
@@ -511,7 +464,7 @@ class LyapunovTwinRun(Callback):
                 f"{type(self).__name__}(perturb='weights') found no trainable weight matrix or kernel (ndim >= 2); "
                 "use perturb='all'"
             )
-        self._tracks = [_Track() for _ in range(self.n_twins)]
+        self._tracks = [Track() for _ in range(self.n_twins)]
         if self.mode == "twin":
             buffers = list(pl_module.buffers())
             self._twins = [Twin(optimizer, self._params, buffers) for _ in range(self.n_twins)]

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from chaos_callbacks.callbacks.lyapunov_twin import HISTORY_POINTS, LyapunovTwinRun, _fit_or_none, _Track
+from chaos_callbacks.callbacks._twin_mirror import HISTORY_POINTS, Track
+from chaos_callbacks.callbacks.lyapunov_twin import LyapunovTwinRun, _fit_or_none
 from chaos_callbacks.dynamics.lyapunov import local_exponent
 from tests.callbacks.test_lyapunov_twin import Keep, fit
 from tests.lightning_helpers import TinyNet, assert_identical_runs, fit_snapshot, loader, random_classification
@@ -106,7 +107,7 @@ def test_a_failing_loss_fn_is_contained_and_the_twins_reseeded():
 
 
 def test_the_log_distance_history_stays_bounded():
-    track = _Track()
+    track = Track()
     track.restart(0, 0.0)
     for step in range(1, 100_001):  # ln d = 0.01 t, then a plateau from t = 60 000
         track.record(step, 0.01 * min(step, 60_000))
