@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -12,6 +10,8 @@ from typing import Any, Literal
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
@@ -19,190 +19,47 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from chaos_callbacks.callbacks import _plumbing as plumb
+from chaos_callbacks.callbacks import _validation as check
+from chaos_callbacks.callbacks._twin_mirror import Track, Twin, hyperparameters, structure, swapped
 from chaos_callbacks.curvature.hvp import HessianOperator, flatten, unflatten
 from chaos_callbacks.dynamics.lyapunov import (
-    BenettinAccumulator,
     LocalExponentFit,
     Norm,
     TangentAccumulator,
     default_epsilon,
     local_exponent,
     parameter_distance,
+    parameter_norm,
     random_perturbation,
     renormalize_,
+    rounding_floor,
 )
 
 Mode = Literal["twin", "tangent"]
 Perturb = Literal["weights", "all"]
 OutputFn = Callable[[LightningModule, Any], Tensor]
 _SGD_KEYS = ("lr", "momentum", "weight_decay", "dampening", "nesterov")
+_TWIN_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
+_RESOLVED = 0.01  # an explicit ε is warned about when rounding can move it by more than this fraction
 
 
-# --------------------------------------------------------------------------- torch helpers (no Lightning)
+# --------------------------------------------------------------------------- helpers (no hooks)
 @contextmanager
-def _swapped(targets: Sequence[Tensor], values: Sequence[Tensor]) -> Iterator[None]:
-    """Point each target at the storage of the matching value (no copy); put the originals back on exit.
-
-    The module's parameters keep their identity, so the user's own ``training_step`` evaluates the
-    twin and ``torch.autograd.grad`` w.r.t. those parameters gives the twin's gradient; in-place
-    buffer updates (batch-norm running statistics) land in the twin's buffers. The main values
-    return bit for bit: their storage is only detached, never written.
-    """
-    saved = [t.data for t in targets]
+def _main_step_precision(trainer: Trainer) -> Iterator[None]:
+    """The precision context of the main training step (bf16 autocast under ``bf16-mixed``, float64
+    default dtype under ``64-true``). Autocast's weight cache is emptied on entry and exit: it is keyed
+    by the parameter objects, whose storage :func:`swapped` changes between twins (Lightning's own
+    plugin disables the cache; a custom plugin may not)."""
+    torch.clear_autocast_cache()
     try:
-        for t, v in zip(targets, values):
-            t.data = v
-        yield
+        with trainer.precision_plugin.train_step_context():
+            yield
     finally:
-        for t, s in zip(targets, saved):
-            t.data = s
+        torch.clear_autocast_cache()
 
 
-def _hyperparameters(optimizer: Optimizer) -> list[dict[str, Any]]:
-    """Every param group's hyperparameters (all keys but ``params``)."""
-    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-
-
-def _structure(optimizer: Optimizer) -> tuple[int, ...]:
-    return tuple(len(group["params"]) for group in optimizer.param_groups)
-
-
-def _rebuild_optimizer(optimizer: Optimizer, params: Sequence[Tensor]) -> Optimizer:
-    """``type(optimizer)`` over ``params``, with the same param groups and hyperparameters.
-
-    Constructor defaults are passed only where the constructor accepts them (``AdamW.defaults``
-    holds keys its ``__init__`` does not take); each group carries all its own values anyway.
-    """
-    signature = inspect.signature(type(optimizer).__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
-    defaults = {k: v for k, v in optimizer.defaults.items() if takes_any or k in signature}
-    groups, offset = [], 0
-    for values, size in zip(_hyperparameters(optimizer), _structure(optimizer)):
-        groups.append({**values, "params": list(params[offset : offset + size])})
-        offset += size
-    return type(optimizer)(groups, **defaults)
-
-
-class _Twin:
-    """One twin trajectory: parameters, buffers and optimizer of its own, shaped like the main run's."""
-
-    def __init__(self, optimizer: Optimizer, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> None:
-        self.params = [p.detach().clone() for p in params]
-        self.buffers = [b.detach().clone() for b in buffers]
-        self.optimizer = _rebuild_optimizer(optimizer, self.params)
-        self.grads: list[Tensor | None] = [None] * len(self.params)
-        self.loss: Tensor | None = None
-        self.benettin = BenettinAccumulator()
-
-    def reset(
-        self, optimizer: Optimizer, params: Sequence[Tensor], buffers: Sequence[Tensor], delta: Sequence[Tensor | None]
-    ) -> None:
-        """Twin ← main + δ, with the main run's buffers and a copy of its optimizer state."""
-        with torch.no_grad():
-            for t, p, dp in zip(self.params, params, delta):
-                t.copy_(p if dp is None else p + dp)
-            for t, b in zip(self.buffers, buffers):
-                t.copy_(b)
-        self.optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-        self.grads = [None] * len(self.params)
-        self.loss = None
-
-    def accumulate(self, grads: Sequence[Tensor | None], loss: Tensor) -> None:
-        """Add one micro-batch's gradient and loss (both already divided by the accumulation count)."""
-        stored: set[int] = set()
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            if self.grads[i] is not None:
-                self.grads[i].add_(g)
-                continue
-            # autograd hands one buffer to several inputs (e.g. both terms of a + b); accumulation and
-            # norm clipping work in place, so each parameter needs its own
-            self.grads[i] = g.clone() if g.data_ptr() in stored else g
-            stored.add(g.data_ptr())
-        self.loss = loss if self.loss is None else self.loss + loss
-
-    def step(self, hyperparameters: Sequence[dict[str, Any]], clip_val: float, clip_algorithm: str) -> None:
-        """One optimizer step with the main run's current hyperparameters and gradient clipping."""
-        for group, values in zip(self.optimizer.param_groups, hyperparameters):
-            group.update(values)
-        for t, g in zip(self.params, self.grads):
-            t.grad = g
-        with_grad = [t for t in self.params if t.grad is not None]
-        if clip_val > 0 and with_grad:
-            if clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(with_grad, clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(with_grad, clip_val)
-        self.optimizer.step()
-        for t in self.params:
-            t.grad = None
-        self.grads = [None] * len(self.params)
-        self.loss = None
-
-    def momentum_pairs(self, optimizer: Optimizer, params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """(twin, main) optimizer-state tensors shaped like their parameter (momentum, Adam moments)."""
-        twin_state, main_state = [], []
-        for tp, mp in zip(self.params, params):
-            main = optimizer.state.get(mp, {})
-            for key, value in self.optimizer.state.get(tp, {}).items():
-                other = main.get(key)
-                if isinstance(value, Tensor) and value.is_floating_point() and value.shape == tp.shape:
-                    if isinstance(other, Tensor) and other.shape == value.shape:
-                        twin_state.append(value)
-                        main_state.append(other)
-        return twin_state, main_state
-
-    @property
-    def nbytes(self) -> int:
-        state = [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
-        return sum(t.numel() * t.element_size() for t in [*self.params, *self.buffers, *state])
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "params": [t.cpu().clone() for t in self.params],
-            "buffers": [t.cpu().clone() for t in self.buffers],
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "benettin": self.benettin.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for t, saved in zip([*self.params, *self.buffers], [*state["params"], *state["buffers"]]):
-                t.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.benettin.load_state_dict(state["benettin"])
-
-
-class _Track:
-    """ln d(t) of one perturbed trajectory since its last (re)seed, and its current Benettin interval."""
-
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-        self.log_d: list[float] = []  # as measured after each step, before any renormalisation
-        self.now = math.nan  # ln d of the current state (after renormalisation)
-        self.interval_start = math.nan  # ln d at the start of the current interval
-        self.since = 0  # optimizer steps into the current interval
-        self.ftle = math.nan
-
-    def restart(self, step: int, log_d: float) -> None:
-        self.steps, self.log_d = [step], [log_d]
-        self.start_interval(log_d)
-
-    def start_interval(self, log_d: float) -> None:
-        self.interval_start, self.now, self.since = log_d, log_d, 0
-
-    def record(self, step: int, log_d: float) -> None:
-        self.steps.append(step)
-        self.log_d.append(log_d)
-        self.now = log_d
-        self.since += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**vars(self), "steps": list(self.steps), "log_d": list(self.log_d)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        vars(self).update(state)
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _default_outputs(module: LightningModule, batch: Any) -> Tensor:
@@ -214,6 +71,33 @@ def _mean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
+def _stderr(values: Sequence[float]) -> float:
+    """Standard error of the mean over twins, s/√n with s the sample standard deviation; NaN for n < 2."""
+    finite = [v for v in values if math.isfinite(v)]
+    n = len(finite)
+    if n < 2:
+        return math.nan
+    mean = sum(finite) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1) / n)
+
+
+def _summarise(values: dict[str, list[float]], with_stderr: Sequence[str]) -> dict[str, float]:
+    """``lyapunov/<name>``: the mean over twins of each list, and ``<name>_stderr`` for ``with_stderr``."""
+    metrics = {f"lyapunov/{k}": _mean(v) for k, v in values.items() if v}
+    metrics.update({f"lyapunov/{k}_stderr": _stderr(values[k]) for k in with_stderr if len(values.get(k, ())) >= 2})
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def _fit_or_none(track: Track) -> LocalExponentFit | None:
+    steps, log_d = track.curve.points()
+    if len(log_d) < 3:
+        return None
+    try:
+        return local_exponent(log_d, steps)
+    except ValueError:  # non-finite samples
+        return None
+
+
 # --------------------------------------------------------------------------- the callback
 class LyapunovTwinRun(Callback):
     """Maximal Lyapunov exponent of the training map θ_{t+1} = Φ_t(θ_t), measured live.
@@ -221,14 +105,16 @@ class LyapunovTwinRun(Callback):
     ``mode="twin"`` (Jiménez-González, Soriano & Lacasa, arXiv 2506.08523): at fit start a twin
     θ'_0 = θ_0 + δ with ‖δ‖ = ε is made and trained alongside the main run with the *same* steps —
     same batches, same dropout masks (the twin's forward replays the random stream of the main step),
-    an optimizer of the same class, param groups and state, the main run's current learning rates
-    (schedulers are followed) and the same gradient clipping. The separation d(t) = ‖θ'_t − θ_t‖
-    (``norm="l2"``, or ``"l1"`` as in the paper) then grows like e^{λt} while it is small.
+    the same precision context (bf16 autocast under ``bf16-mixed``), an optimizer of the same class,
+    param groups and state, the main run's current learning rates (schedulers are followed) and the
+    same gradient clipping (by norm or by value). The separation d(t) = ‖θ'_t − θ_t‖ (``norm="l2"``,
+    or ``"l1"`` as in the paper) then grows like e^{λt} while it is small.
 
     - ``renormalize_every=k`` (Benettin et al. 1980): every k steps the twin is pulled back to
       distance ε along the separation (momentum/Adam buffers rescaled by the same factor), giving
       the finite-time exponent ``ftle = ln(d/d_0)/k`` of the interval and the running maximal
-      exponent ``mle = Σ ln(d_j/d_{0,j}) / Σ k_j``.
+      exponent ``mle = Σ ln(d_j/d_{0,j}) / Σ k_j`` (d_{0,j}: the separation measured after the
+      renormalisation, so a re-sized ε changes nothing in the sum).
     - ``renormalize_every=None``: free evolution as in the paper; ln d(t) is logged and the local
       exponent — the slope of ln d(t) over the exponential phase before saturation
       (:func:`~chaos_callbacks.dynamics.lyapunov.local_exponent`) — every ``summary_every_n_steps``
@@ -237,8 +123,31 @@ class LyapunovTwinRun(Callback):
     ``mode="tangent"`` (Sasdelli et al., OpenReview 37Fh1MiR5Ze): ε-free; a unit tangent vector is
     pushed through the exact linearisation of each ``torch.optim.SGD`` step, v ← (I − ηH)v with
     momentum, weight decay and Nesterov, H applied by exact Hessian-vector products at the main
-    weights on the step's batch (before the step). For a quadratic loss both modes give
+    weights on the step's batch (before the step), in float32/float64 with autocast off (under
+    ``bf16-mixed`` it linearises the full-precision map). For a quadratic loss both modes give
     max_i ln|1 − ηλ_i|.
+
+    **ε.** By default (``epsilon=None``) ε is relative to the weights:
+    ε = :func:`~chaos_callbacks.dynamics.lyapunov.default_epsilon` (c·max(‖θ‖, 1) in ``norm``,
+    c = 1e-8 in float64, 1e-4 in float32, 0.1 for bf16 compute), sized at every (re)seed and
+    re-sized at every renormalisation, so rounding the weights moves the separation by at most a
+    relative √u whatever their size (an absolute 1e-8 is erased by weights of 1e8 in float64).
+    Under ``bf16-mixed`` both runs round weights and activations to bfloat16 in every forward pass;
+    ε = 0.1·‖θ‖ sits above that rounding (u = 2⁻⁸), and the exponent is the growth rate of
+    separations of that size, measured above the rounding noise floor — a finite-size exponent that
+    a contracting direction cannot push below the floor, not the tangent exponent of the float32
+    map. An explicit ``epsilon`` keeps its absolute meaning (the paper's protocol: L1, ε = 1e-8,
+    float64) and is warned about once when rounding at the current weight scale, u·‖θ‖, exceeds 1 %
+    of it.
+
+    **Manual optimization** needs ``loss_fn``: the twin (tangent vector) follows the *first*
+    optimizer — its gradient is that of ``loss_fn`` w.r.t. the first optimizer's parameters at the
+    start of each batch (summed over batches until that optimizer steps), and it steps once after
+    each batch in which ``optimizers[0].step()`` ran, with the hyperparameters that step used.
+    Other optimizers' parameters keep their main values in the twin's forward; clipping done inside
+    ``training_step`` and a second step of the first optimizer in one batch are not mirrored (the
+    latter is skipped and the twins re-seeded). Dropout masks match when ``loss_fn`` draws its
+    random numbers in the order the training step does.
 
     All exponents are natural logs per optimizer step. ``n_twins`` independent twins (the paper
     uses 5) are averaged; twin i is perturbed by the i-th draw of
@@ -253,26 +162,33 @@ class LyapunovTwinRun(Callback):
     interval), ``lyapunov/function_distance`` (``function_space=True``),
     ``lyapunov/local_exponent`` and ``lyapunov/saturated`` (free evolution; fraction of twins whose
     ln d(t) reached a plateau), ``lyapunov/reseeds`` and ``lyapunov/skipped`` (counters); and a
-    TensorBoard figure ``lyapunov/log_distance`` of ln d(t).
+    TensorBoard figure ``lyapunov/log_distance`` of ln d(t). With ``n_twins ≥ 2``,
+    ``lyapunov/mle_stderr``, ``lyapunov/ftle_stderr`` and ``lyapunov/local_exponent_stderr`` are
+    the standard errors s/√n of those means (s the sample standard deviation over the n twins
+    that reported): the spread due to the random perturbation directions within this run, not
+    over seeds or data orders.
 
     The twin is evaluated by pointing the module's parameters and buffers at the twin's tensors
     (no copy) inside :func:`~chaos_callbacks.callbacks._plumbing.no_harm`, so the main run is bit
     for bit the run without the callback. Under DDP the twin's gradient is mean-reduced across
     ranks (one all-reduce per step), so twins are identical on every rank; twin weights, buffers,
-    optimizer state, accumulators, ln d(t) history and the generator are checkpointed. A diverging
-    twin (non-finite loss or distance) or one that collapsed onto the main run (d = 0) is
-    re-seeded from the main weights with a warning. Cost per step: one extra forward and backward
-    per twin (twin mode) or one forward, a double backward and one HVP per vector (tangent mode);
-    memory: one copy of the parameters and optimizer state per twin (:attr:`memory_bytes`).
+    optimizer state, accumulators, ln d(t) history (at most 2048 samples per twin, evenly thinned)
+    and the generator are checkpointed. A diverging twin (non-finite loss or distance) or one that
+    collapsed onto the main run (d = 0) is re-seeded from the main weights with a warning; a twin
+    that missed a main step (its gradient failed) is re-seeded too. When the *main* weights turn
+    non-finite the callback warns once ("the main run diverged"), counts every step in
+    ``lyapunov/skipped`` and stays idle until they are finite again, then re-seeds. Cost per step:
+    one extra forward and backward per twin (twin mode) or one forward, a double backward and one
+    HVP per vector (tangent mode); memory: one copy of the parameters and optimizer state per twin
+    (:attr:`memory_bytes`).
 
     Args:
         mode: ``"twin"`` or ``"tangent"`` (``torch.optim.SGD`` only).
         renormalize_every: Benettin interval in optimizer steps, or ``None`` for free evolution
             (twin mode). In tangent mode the interval of ``ftle`` (``None``: no ``ftle``).
         n_twins: number of twins (tangent vectors) averaged.
-        epsilon: initial separation ε in ``norm``; default
-            :func:`~chaos_callbacks.dynamics.lyapunov.default_epsilon` of the parameter dtype
-            (1e-8 for float64, 1e-4 for float32).
+        epsilon: separation ε in ``norm`` (absolute), or ``None`` (default): relative to the
+            weights, see above.
         perturb: ``"weights"`` perturbs only weight matrices and kernels (parameters with ≥ 2
             dimensions), as the paper; ``"all"`` every trainable parameter. The distance is always
             over every parameter the optimizer holds.
@@ -282,7 +198,7 @@ class LyapunovTwinRun(Callback):
         output_fn: ``output_fn(module, batch) -> Tensor`` for ``function_space``; default
             ``module(batch[0])`` for tuple/list batches, else ``module(batch)``.
         loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's own ``training_step``
-            (its logging muted, its metric states restored).
+            (its logging muted, its metric states restored). Required under manual optimization.
         summary_every_n_steps: cadence of the local-exponent fit and of the figure (also at fit
             end); ``None``: fit end only.
         seed: seed of the perturbation generator (never the global RNG; the same on every rank).
@@ -309,54 +225,43 @@ class LyapunovTwinRun(Callback):
         summary_every_n_steps: int | None = 100,
         seed: int = 0,
     ) -> None:
-        if mode not in ("twin", "tangent"):
-            raise ValueError(f"mode must be 'twin' or 'tangent', got {mode!r}")
-        if renormalize_every is not None and not _positive_int(renormalize_every):
-            raise ValueError(f"renormalize_every must be a positive int or None (free evolution), got {renormalize_every!r}")
-        if not _positive_int(n_twins):
-            raise ValueError(f"n_twins must be a positive int, got {n_twins!r}")
-        if epsilon is not None and not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-            raise ValueError(f"epsilon must be a finite number > 0 or None (by dtype), got {epsilon!r}")
-        if perturb not in ("weights", "all"):
-            raise ValueError(f"perturb must be 'weights' or 'all', got {perturb!r}")
-        if norm not in ("l2", "l1"):
-            raise ValueError(f"norm must be 'l2' or 'l1', got {norm!r}")
-        if function_space and mode != "twin":
-            raise ValueError("function_space=True needs mode='twin' (a tangent vector has no outputs)")
-        if summary_every_n_steps is not None and not _positive_int(summary_every_n_steps):
-            raise ValueError(f"summary_every_n_steps must be a positive int or None, got {summary_every_n_steps!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.mode = mode
-        self.renormalize_every = renormalize_every
-        self.n_twins = n_twins
-        self.epsilon = epsilon
-        self.perturb = perturb
-        self.norm: Norm = norm
-        self.function_space = function_space
-        self.output_fn = output_fn or _default_outputs
-        self.loss_fn = loss_fn
-        self.summary_every_n_steps = summary_every_n_steps
-        self.seed = seed
-        self._skip_warn = plumb.WarnOnce(type(self).__name__)
-        self._reseed_warn = plumb.WarnOnce(type(self).__name__)
+        owner = type(self).__name__
+        self.mode: Mode = check.check_choice(owner, "mode", mode, ("twin", "tangent"))
+        self.renormalize_every = check.check_int(owner, "renormalize_every", renormalize_every, minimum=1, allow_none=True)
+        self.n_twins: int = check.check_int(owner, "n_twins", n_twins, minimum=1)  # type: ignore[assignment]
+        self.epsilon = check.check_float(owner, "epsilon", epsilon, 0.0, low_open=True, allow_none=True)
+        self.perturb: Perturb = check.check_choice(owner, "perturb", perturb, ("weights", "all"))
+        self.norm: Norm = check.check_choice(owner, "norm", norm, ("l2", "l1"))
+        self.function_space = check.check_bool(owner, "function_space", function_space)
+        if self.function_space and self.mode != "twin":
+            raise ValueError(f"{owner}: function_space=True needs mode='twin' (a tangent vector has no outputs)")
+        self.output_fn: OutputFn = check.check_callable(owner, "output_fn", output_fn) or _default_outputs
+        self.loss_fn: plumb.LossFn | None = check.check_callable(owner, "loss_fn", loss_fn)
+        self.summary_every_n_steps = check.check_int(owner, "summary_every_n_steps", summary_every_n_steps, minimum=1, allow_none=True)
+        self.seed: int = check.check_int(owner, "seed", seed, minimum=0)  # type: ignore[assignment]
+        self._skip_warn = plumb.WarnOnce(owner)
+        self._reseed_warn = plumb.WarnOnce(owner)
+        self._epsilon_warned = False
         self._pending: dict[str, Any] | None = None
         self._hook: RemovableHandle | None = None
+        self._watched: Optimizer | None = None
         self._clear()
 
     def _clear(self) -> None:
         self._params: list[Tensor] = []
-        self._twins: list[_Twin] = []
+        self._twins: list[Twin] = []
         self._tangents: list[TangentAccumulator] = []
         self._hv: list[list[Tensor] | None] = []
-        self._tracks: list[_Track] = []
+        self._tracks: list[Track] = []
         self._structure: tuple[int, ...] = ()
         self._perturbed: list[bool] = []
         self._generator = torch.Generator().manual_seed(self.seed)
-        self._eps = math.nan
+        self._compute_dtype = torch.float32
         self._probe: Any = None
-        self._step_at_start = -1
         self._hyper: list[dict[str, Any]] | None = None
+        self._steps_in_batch = 0  # steps of optimizers[0] during the current batch (its post-hook)
+        self._micro_seen = self._micro_done = 0  # micro-batches since the last step / with their gradient in
+        self._diverged = False
         self._last_summary = -1
         self._skips_logged = self._skip_warn.count
         self.last_metrics: dict[str, float] = {}
@@ -385,32 +290,54 @@ class LyapunovTwinRun(Callback):
         return sum(x.numel() * x.element_size() for x in vectors)
 
     def log_distance_curves(self) -> list[tuple[list[int], list[float]]]:
-        """(optimizer steps, ln d) of every twin since its last (re)seed."""
-        return [(list(t.steps), list(t.log_d)) for t in self._tracks]
+        """(optimizer steps, ln d) of every twin since its last (re)seed (evenly thinned past 2048 samples)."""
+        return [track.curve.points() for track in self._tracks]  # type: ignore[misc]
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         plumb.check_loss_resolvable(pl_module, self.loss_fn, type(self).__name__)
-        if not pl_module.automatic_optimization:
-            raise ValueError(
-                f"{type(self).__name__} mirrors Lightning's automatic optimization step by step; the module uses "
-                "manual optimization, whose steps a callback cannot replay"
-            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._validate(trainer, pl_module)
         pending, self._pending = self._pending, None
         self._build(trainer, pl_module, pending)
-        self._hook = trainer.optimizers[0].register_step_post_hook(self._record_hyperparameters)
+        self._watch(trainer.optimizers[0])
 
+    def _watch(self, optimizer: Optimizer) -> None:
+        """Count the steps of ``optimizer`` and record the hyperparameters each one used (a step post-hook)."""
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = optimizer.register_step_post_hook(self._record_step)
+        self._watched = optimizer
+
+    def _record_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        # the values the update just used, whatever changed them before (a callback's on_before_optimizer_step)
+        # or changes them after (a step-interval scheduler, before on_train_batch_end)
+        self._hyper = hyperparameters(optimizer)
+        self._steps_in_batch += 1
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._watched = None
+
+    @plumb.contain_failures("lyapunov", warn="_skip_warn")
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._step_at_start = trainer.global_step
-        self._hyper = None
-        if _structure(trainer.optimizers[0]) != self._structure:
-            self._skip_warn("groups", "the optimizer's param groups changed; the twins were re-created")
+        self._hyper, self._steps_in_batch = None, 0
+        optimizer = trainer.optimizers[0]
+        if optimizer is not self._watched or structure(optimizer) != self._structure:
+            self._skip_warn("groups", "the optimizer or its param groups changed; the twins were re-created")
             probe = self._probe
             self._build(trainer, pl_module, None)
+            self._watch(optimizer)
             self._probe = probe
+        self._micro_seen += 1
+        if self._diverged:
+            if not _all_finite(self._params):
+                return
+            self._diverged = False
+            self._reseed_all(trainer, pl_module, trainer.global_step)
         if self.function_space and self._probe is None:
             self._probe = apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
         try:
@@ -420,23 +347,25 @@ class LyapunovTwinRun(Callback):
                 self._tangent_products(trainer, pl_module, batch, batch_idx)
         except plumb.EstimateSkipped as exc:
             self._skip_warn("batch", f"the {self.mode} step of batch {batch_idx} was skipped: {exc}")
-
-    def _record_hyperparameters(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        # a step post-hook: the values the update just used, whatever changed them before (a callback's
-        # on_before_optimizer_step) or changes them after (a step-interval scheduler, before on_train_batch_end)
-        self._hyper = _hyperparameters(optimizer)
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self._step_at_start:  # accumulating: the main optimizer has not stepped
             return
-        hyper = self._hyper or _hyperparameters(trainer.optimizers[0])
-        metrics = self._twin_step(trainer, pl_module, hyper, step) if self.mode == "twin" else self._tangent_step(trainer, hyper, step)
+        self._micro_done += 1
+
+    @plumb.contain_failures("lyapunov", warn="_skip_warn")
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        steps = self._steps_in_batch
+        if not steps:  # accumulating, or (manual optimization) the first optimizer did not step
+            return
+        step, hyper = trainer.global_step, self._hyper
+        complete = self._micro_done == self._micro_seen and steps == 1
+        self._micro_seen = self._micro_done = self._steps_in_batch = 0
+        if self._diverged:
+            self._skip_warn("diverged", f"the main run diverged: non-finite weights at step {step}")
+            metrics: dict[str, float] = {}
+        elif self.mode == "twin":
+            complete = self._reduce_gradients(trainer, complete)
+            metrics = self._twin_step(trainer, pl_module, hyper, step) if complete else self._missed_step(trainer, pl_module, step, steps)
+        else:
+            metrics = self._tangent_step(trainer, hyper, step) if complete else self._missed_step(trainer, pl_module, step, steps)
         if self._skip_warn.count != self._skips_logged:
             self._skips_logged = self._skip_warn.count
             metrics["lyapunov/skipped"] = float(self._skip_warn.count)
@@ -445,25 +374,53 @@ class LyapunovTwinRun(Callback):
         if self.summary_every_n_steps and step % self.summary_every_n_steps == 0:
             self._summary(trainer, pl_module, step)
 
+    @plumb.contain_failures("lyapunov", warn="_skip_warn")
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._tracks and self._last_summary != trainer.global_step:
             self._summary(trainer, pl_module, trainer.global_step)
 
+    def _missed_step(self, trainer: Trainer, pl_module: LightningModule, step: int, steps: int) -> dict[str, float]:
+        """The main run stepped without a complete twin gradient (a failed micro-batch, or two steps in one batch)."""
+        why = "a micro-batch's gradient failed" if steps == 1 else f"the first optimizer stepped {steps} times in one batch"
+        if self.mode == "tangent":  # the vector stays a valid direction; this step's Jacobian is left out
+            self._hv = [None] * self.n_twins
+            self._skip_warn("missed", f"tangent step {step} skipped: {why}")
+            return {}
+        self._skip_warn("missed", f"the twins missed the main step {step} ({why}); re-seeded from the main weights")
+        self._reseed_all(trainer, pl_module, step)
+        return {}
+
+    def _main_diverged(self, step: int) -> dict[str, float]:
+        """Non-finite main weights: warn once, count the step, wait for finite weights (checked at each batch start)."""
+        self._diverged = True
+        for twin in self._twins:
+            twin.discard_gradients()
+        self._hv = [None] * self.n_twins
+        self._skip_warn(
+            "diverged",
+            f"the main run diverged: non-finite weights at step {step}; the twins wait until the main weights are finite again",
+        )
+        return {}
+
     # ------------------------------------------------------------------ setup
     def _validate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         name = type(self).__name__
-        if len(trainer.optimizers) != 1:
+        automatic = pl_module.automatic_optimization
+        if not trainer.optimizers:
+            raise ValueError(f"{name} needs an optimizer, the module configured none")
+        if automatic and len(trainer.optimizers) != 1:
             raise ValueError(f"{name} needs exactly one optimizer, got {len(trainer.optimizers)}")
         optimizer = trainer.optimizers[0]
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError(f"{name} cannot mirror LBFGS: its step re-evaluates the loss through a closure")
         if self.mode == "twin":
-            if trainer.precision not in ("32-true", "64-true"):
+            if trainer.precision not in _TWIN_PRECISIONS:
                 raise ValueError(
-                    f"{name}(mode='twin') needs precision='32-true' or '64-true', got {trainer.precision!r}: the twin "
-                    "runs in full precision, so a reduced-precision main step would separate them by rounding alone"
+                    f"{name}(mode='twin') supports precision '32-true', '64-true' and 'bf16-mixed', got "
+                    f"{trainer.precision!r}: half-precision weights cannot hold a small separation, and a "
+                    "'16-mixed' gradient scaler skips steps with scaled gradients the twin cannot replay"
                 )
-            if is_overridden("configure_gradient_clipping", pl_module):
+            if automatic and is_overridden("configure_gradient_clipping", pl_module):
                 raise ValueError(
                     f"{name}(mode='twin') mirrors the Trainer's gradient_clip_val/gradient_clip_algorithm only; the "
                     "module overrides configure_gradient_clipping, which the twin cannot replay"
@@ -476,7 +433,7 @@ class LyapunovTwinRun(Callback):
             )
         if trainer.gradient_clip_val:
             raise ValueError(f"{name}(mode='tangent') does not linearise gradient clipping; use mode='twin'")
-        self._sgd_hyperparameters(_hyperparameters(optimizer), error=ValueError)
+        self._sgd_hyperparameters(hyperparameters(optimizer), error=ValueError)
 
     def _sgd_hyperparameters(self, groups: Sequence[dict[str, Any]], error: type[Exception]) -> dict[str, Any]:
         """The SGD hyperparameters shared by every param group (tangent mode)."""
@@ -494,24 +451,23 @@ class LyapunovTwinRun(Callback):
         """Create the twins (tangent vectors), or restore them from a checkpoint."""
         self._clear()
         optimizer = trainer.optimizers[0]
-        self._structure = _structure(optimizer)
+        self._structure = structure(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self._params = params if self.mode == "twin" else [p for p in params if p.requires_grad]
         if not self._params:
             raise ValueError(f"{type(self).__name__}: the optimizer holds no trainable parameters")
-        self._eps = float(self.epsilon if self.epsilon is not None else default_epsilon(self._params[0].dtype))
-        self._perturbed = [
-            p.requires_grad and (self.perturb == "all" or p.ndim >= 2) for p in self._params
-        ]
+        bf16 = self.mode == "twin" and trainer.precision == "bf16-mixed"
+        self._compute_dtype = torch.bfloat16 if bf16 else self._params[0].dtype
+        self._perturbed = [p.requires_grad and (self.perturb == "all" or p.ndim >= 2) for p in self._params]
         if not any(self._perturbed):
             raise ValueError(
                 f"{type(self).__name__}(perturb='weights') found no trainable weight matrix or kernel (ndim >= 2); "
                 "use perturb='all'"
             )
-        self._tracks = [_Track() for _ in range(self.n_twins)]
+        self._tracks = [Track() for _ in range(self.n_twins)]
         if self.mode == "twin":
             buffers = list(pl_module.buffers())
-            self._twins = [_Twin(optimizer, self._params, buffers) for _ in range(self.n_twins)]
+            self._twins = [Twin(optimizer, self._params, buffers) for _ in range(self.n_twins)]
         else:
             self._hv = [None] * self.n_twins
         if pending is not None:
@@ -521,10 +477,22 @@ class LyapunovTwinRun(Callback):
             if self.mode == "twin":
                 self._seed_twin(i, optimizer, pl_module, trainer.global_step, fatal=True)
             else:
-                v, momentum_v = self._tangent_start(optimizer)
-                self._tangents.append(TangentAccumulator(v, self.norm))
-                self._tangents[i].momentum_v = momentum_v
-                self._tracks[i].restart(trainer.global_step, math.log(self._eps))
+                self._restart_tangent(i, optimizer, trainer.global_step)
+
+    def _epsilon(self) -> float:
+        """ε for a (re)seed or renormalisation now: ``epsilon``, or ``default_epsilon`` at the current weight norm."""
+        if self.epsilon is None:
+            return default_epsilon(self._compute_dtype, parameter_norm(self._params, self.norm))
+        if self.mode == "twin" and not self._epsilon_warned:
+            floor = rounding_floor(self._params, self.norm, self._compute_dtype)
+            if floor > _RESOLVED * self.epsilon:
+                self._epsilon_warned = True
+                rank_zero_warn(
+                    f"{type(self).__name__}: epsilon={self.epsilon:g} is within {1 / _RESOLVED:g}x of the rounding of the "
+                    f"{self._compute_dtype} weights (u·‖θ‖ = {floor:.3g}): rounding blurs or erases the separation and "
+                    "the exponent is unreliable. Pass a larger epsilon, or epsilon=None to size it to the weights."
+                )
+        return self.epsilon
 
     def _perturbation(self, size: float) -> list[Tensor | None]:
         """A draw of size ``size`` on the perturbed parameters (None elsewhere), from the callback's generator."""
@@ -534,15 +502,17 @@ class LyapunovTwinRun(Callback):
 
     def _seed_twin(self, i: int, optimizer: Optimizer, pl_module: LightningModule, step: int, fatal: bool = False) -> None:
         """(Re)start twin ``i`` at distance ε from the main run's current weights, buffers and optimizer state."""
-        twin = self._twins[i]
-        twin.reset(optimizer, self._params, list(pl_module.buffers()), self._perturbation(self._eps))
+        twin, eps = self._twins[i], self._epsilon()
+        twin.reset(optimizer, self._params, list(pl_module.buffers()), self._perturbation(eps))
         d = float(parameter_distance(twin.params, self._params, self.norm))
-        if not d > 0:
-            message = f"epsilon={self._eps} is erased by rounding the {self._params[0].dtype} weights; pass a larger epsilon"
-            if fatal:
-                raise ValueError(f"{type(self).__name__}: {message}")
-            self._skip_warn("erased", message)  # d stays 0: the next step re-seeds again
-        self._tracks[i].restart(step, math.log(d) if d > 0 else math.log(self._eps))
+        if d > 0 and math.isfinite(d):
+            self._tracks[i].restart(step, math.log(d))
+            return
+        message = f"epsilon={eps:g} is erased by rounding the {self._params[0].dtype} weights; pass a larger epsilon"
+        if fatal:
+            raise ValueError(f"{type(self).__name__}: {message}")
+        self._skip_warn("erased", f"{message} (the twin is re-seeded at the next step)")
+        self._tracks[i].restart(step, math.nan)
 
     def _tangent_start(self, optimizer: Optimizer) -> tuple[list[Tensor], list[Tensor] | None]:
         """A unit tangent vector, and a zero momentum tangent if the main run already has momentum buffers."""
@@ -551,10 +521,30 @@ class LyapunovTwinRun(Callback):
         has_momentum = all(b is not None for b in buffers)
         return v, [torch.zeros_like(p) for p in self._params] if has_momentum else None
 
+    def _restart_tangent(self, i: int, optimizer: Optimizer, step: int) -> None:
+        """(Re)start tangent vector ``i`` from the next draw of the generator."""
+        v, momentum_v = self._tangent_start(optimizer)
+        if i == len(self._tangents):
+            self._tangents.append(TangentAccumulator(v, self.norm))
+        else:
+            self._tangents[i].v = v
+        self._tangents[i].momentum_v = momentum_v
+        self._tracks[i].restart(step, math.log(self._epsilon()))
+
+    def _reseed_all(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        """Every twin (tangent vector) afresh from the main run's current state."""
+        optimizer = trainer.optimizers[0]
+        for i in range(self.n_twins):
+            if self.mode == "twin":
+                self._twins[i].discard_gradients()
+                self._seed_twin(i, optimizer, pl_module, step)
+            else:
+                self._hv[i] = None
+                self._restart_tangent(i, optimizer, step)
+
     def _restore(self, trainer: Trainer, state: dict[str, Any]) -> None:
         if len(state["tracks"]) != self.n_twins:
             raise ValueError(f"{type(self).__name__}: the checkpoint holds {len(state['tracks'])} twins, expected {self.n_twins}")
-        self._eps = state["eps"]
         self._generator.set_state(state["generator"])
         for track, saved in zip(self._tracks, state["tracks"]):
             track.load_state_dict(saved)
@@ -567,51 +557,62 @@ class LyapunovTwinRun(Callback):
             self._tangents.append(tangent)
         self._probe = None if state["probe"] is None else plumb.to_device(trainer, state["probe"])
         self._last_summary = state["last_summary"]
+        self._diverged = state["diverged"]
         self._skip_warn.count, self._reseed_warn.count = state["skipped"], state["reseeds"]
         self._skips_logged = self._skip_warn.count
 
     # ------------------------------------------------------------------ twin mode
     def _twin_gradients(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        """Each twin's gradient on this micro-batch, with the random stream the main step is about to use."""
+        """Each twin's gradient on this micro-batch, with the random stream and precision of the main step."""
         accumulate = trainer.accumulate_grad_batches
         targets = [*self._params, *pl_module.buffers()]
+        wrt = [p for p in self._params if p.requires_grad]
         with plumb.no_harm(pl_module, train_mode=None):
             for i, twin in enumerate(self._twins):
                 # every twin starts from the RNG state the main forward will start from: no_harm restores
                 # it on exit, each earlier twin restores it for the next (isolate_rng costs ~0.3-0.7 ms)
                 replay = isolate_rng() if i < len(self._twins) - 1 else nullcontext()
-                with replay, _swapped(targets, [*twin.params, *twin.buffers]):
-                    loss = plumb.compute_loss(pl_module, batch, self.loss_fn, batch_idx) / accumulate
-                    wrt = [p for p in self._params if p.requires_grad]
+                with replay, swapped(targets, [*twin.params, *twin.buffers]):
+                    with _main_step_precision(trainer):
+                        loss = plumb.compute_loss(pl_module, batch, self.loss_fn, batch_idx) / accumulate
                     grads = iter(torch.autograd.grad(loss, wrt, allow_unused=True))
                 twin.accumulate([next(grads) if p.requires_grad else None for p in self._params], loss.detach())
 
-    def _reduce_gradients(self, trainer: Trainer) -> None:
-        """Mean over ranks of every twin's gradient and loss: flatten, one all-reduce, split."""
+    def _reduce_gradients(self, trainer: Trainer, complete: bool) -> bool:
+        """Mean over ranks of every twin's gradient and loss (flatten, one all-reduce, split); returns
+        whether every rank's gradient is complete (a rank that missed a micro-batch makes all re-seed)."""
         if trainer.world_size <= 1:
-            return
+            return complete
         parts: list[Tensor] = []
         for twin in self._twins:
             parts += [g if g is not None else torch.zeros_like(p) for g, p in zip(twin.grads, twin.params)]
             parts.append(twin.loss if twin.loss is not None else twin.params[0].new_zeros(()))
+        parts.append(self._params[0].new_tensor(1.0 if complete else 0.0))
         reduced = iter(unflatten(plumb.mean_reducer(trainer)(flatten(parts)), parts))
         for twin in self._twins:
             mean_grads = [next(reduced) for _ in twin.grads]
             twin.grads = [None if g is None else m for g, m in zip(twin.grads, mean_grads)]
             loss = next(reduced)
             twin.loss = None if twin.loss is None else loss
+        return bool(next(reduced) == 1)
 
     def _twin_step(self, trainer: Trainer, pl_module: LightningModule, hyper: list[dict[str, Any]], step: int) -> dict[str, float]:
         optimizer = trainer.optimizers[0]
-        self._reduce_gradients(trainer)
-        clip_val = float(trainer.gradient_clip_val or 0.0)
-        clip_algorithm = str(trainer.gradient_clip_algorithm or "norm")
+        # Lightning stores the algorithm as a GradClipAlgorithmType and clips only under automatic optimization
+        clip_val = float(trainer.gradient_clip_val or 0.0) if pl_module.automatic_optimization else 0.0
+        clip_by_value = trainer.gradient_clip_algorithm == GradClipAlgorithmType.VALUE
         values: dict[str, list[float]] = {k: [] for k in ("distance", "log_distance", "twin_loss", "ftle", "mle")}
+        eps: float | None = None  # sized once per step, at the first renormalisation
         reseeded = False
         for i, (twin, track) in enumerate(zip(self._twins, self._tracks)):
+            if track.idle:  # its ε was erased at the last seed: try again from the current main weights
+                self._seed_twin(i, optimizer, pl_module, step)
+                continue
             loss = math.nan if twin.loss is None else float(twin.loss)
-            twin.step(hyper, clip_val, clip_algorithm)
+            twin.step(hyper, clip_val, clip_by_value)
             d = float(parameter_distance(twin.params, self._params, self.norm))
+            if not math.isfinite(d) and not _all_finite(self._params):
+                return self._main_diverged(step)
             if not (math.isfinite(d) and d > 0 and (twin.loss is None or math.isfinite(loss))):
                 what = "collapsed onto the main run (d = 0)" if d == 0 else f"diverged (loss={loss}, d={d})"
                 self._reseed_warn("reseed", f"twin {i} {what} at step {step}; re-seeded from the main weights")
@@ -624,33 +625,49 @@ class LyapunovTwinRun(Callback):
             values["twin_loss"].append(loss)
             if self.renormalize_every is not None and track.since == self.renormalize_every:
                 track.ftle = twin.benettin.update(d, math.exp(track.interval_start), track.since)
-                twin_state, main_state = twin.momentum_pairs(optimizer, self._params)
-                renormalize_(twin.params, self._params, self._eps, self.norm, twin_state=twin_state, main_state=main_state)
-                track.start_interval(math.log(float(parameter_distance(twin.params, self._params, self.norm))))
                 values["ftle"].append(track.ftle)
                 values["mle"].append(twin.benettin.mle)
+                eps = self._epsilon() if eps is None else eps
+                self._renormalize(i, optimizer, eps, step)
         self.per_twin = {
-            "distance": [math.exp(t.log_d[-1]) if t.log_d else math.nan for t in self._tracks],
-            "log_distance": [t.log_d[-1] if t.log_d else math.nan for t in self._tracks],
+            "distance": [math.exp(t.last) for t in self._tracks],
+            "log_distance": [t.last for t in self._tracks],
             "ftle": [t.ftle for t in self._tracks],
             "mle": [twin.benettin.mle for twin in self._twins],
         }
-        metrics = {f"lyapunov/{k}": _mean(v) for k, v in values.items() if v}
+        metrics = _summarise(values, with_stderr=("ftle", "mle"))
         if self.function_space:
             metrics["lyapunov/function_distance"] = self._function_distance(trainer, pl_module)
         if reseeded:
             metrics["lyapunov/reseeds"] = float(self._reseed_warn.count)
-        return {k: v for k, v in metrics.items() if math.isfinite(v)}
+        return metrics
+
+    def _renormalize(self, i: int, optimizer: Optimizer, eps: float, step: int) -> None:
+        """Pull twin ``i`` back to distance ε (with its optimizer state) and start a new interval there."""
+        twin, track = self._twins[i], self._tracks[i]
+        twin_state, main_state = twin.momentum_pairs(optimizer, self._params)
+        renormalize_(twin.params, self._params, eps, self.norm, twin_state=twin_state, main_state=main_state)
+        d0 = float(parameter_distance(twin.params, self._params, self.norm))
+        if d0 > 0 and math.isfinite(d0):
+            track.start_interval(math.log(d0))
+            return
+        self._skip_warn("erased", f"epsilon={eps:g} was erased by rounding the weights at step {step}; twin {i} is re-seeded at the next step")
+        track.restart(step, math.nan)
 
     def _function_distance(self, trainer: Trainer, pl_module: LightningModule) -> float:
         """Mean over twins of ‖f_twin(X) − f_main(X)‖ on the probe batch X (eval mode; union of the ranks' shards)."""
         targets = [*self._params, *pl_module.buffers()]
+
+        def outputs() -> Tensor:
+            with _main_step_precision(trainer):
+                return self.output_fn(plumb.user_module(pl_module), self._probe).to(torch.float64)
+
         with plumb.no_harm(pl_module, train_mode=False), torch.no_grad():
-            main = self.output_fn(plumb.user_module(pl_module), self._probe).to(torch.float64)
+            main = outputs()
             sums = []
             for twin in self._twins:
-                with _swapped(targets, [*twin.params, *twin.buffers]):
-                    diff = (self.output_fn(plumb.user_module(pl_module), self._probe).to(torch.float64) - main).abs()
+                with swapped(targets, [*twin.params, *twin.buffers]):
+                    diff = (outputs() - main).abs()
                 sums.append(diff.sum() if self.norm == "l1" else diff.square().sum())
         total = plumb.mean_reducer(trainer)(torch.stack(sums)) * trainer.world_size
         distances = total if self.norm == "l1" else total.sqrt()
@@ -690,9 +707,10 @@ class LyapunovTwinRun(Callback):
             try:
                 exponent = tangent.step(lambda v, hv=hv: hv, **sgd)
             except ValueError as exc:  # non-finite or zero growth
+                if not _all_finite(self._params):
+                    return self._main_diverged(step)
                 self._reseed_warn("reseed", f"tangent vector {i} failed at step {step} ({exc}); re-seeded")
-                tangent.v, tangent.momentum_v = self._tangent_start(trainer.optimizers[0])
-                self._tracks[i].restart(step, math.log(self._eps))
+                self._restart_tangent(i, trainer.optimizers[0], step)
                 reseeded = True
                 continue
             track.record(step, track.now + exponent)
@@ -700,17 +718,17 @@ class LyapunovTwinRun(Callback):
             values["mle"].append(tangent.mle)
             if self.renormalize_every is not None and track.since == self.renormalize_every:
                 track.ftle = (track.now - track.interval_start) / track.since
-                track.start_interval(math.log(self._eps))  # as a twin is pulled back to ε
+                track.start_interval(math.log(self._epsilon()))  # as a twin is pulled back to ε
                 values["ftle"].append(track.ftle)
         self.per_twin = {
-            "log_distance": [t.log_d[-1] for t in self._tracks],
+            "log_distance": [t.last for t in self._tracks],
             "ftle": [t.ftle for t in self._tracks],
             "mle": [t.mle for t in self._tangents],
         }
-        metrics = {f"lyapunov/{k}": _mean(v) for k, v in values.items() if v}
+        metrics = _summarise(values, with_stderr=("ftle", "mle"))
         if reseeded:
             metrics["lyapunov/reseeds"] = float(self._reseed_warn.count)
-        return {k: v for k, v in metrics.items() if math.isfinite(v)}
+        return metrics
 
     # ------------------------------------------------------------------ summaries
     def _summary(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
@@ -721,10 +739,8 @@ class LyapunovTwinRun(Callback):
             fits = [f for f in self.local_fits if f is not None]
             if fits:
                 self.per_twin["local_exponent"] = [math.nan if f is None else f.slope for f in self.local_fits]
-                metrics = {
-                    "lyapunov/local_exponent": _mean([f.slope for f in fits]),
-                    "lyapunov/saturated": sum(f.saturated for f in fits) / len(fits),
-                }
+                metrics = _summarise({"local_exponent": [f.slope for f in fits]}, with_stderr=("local_exponent",))
+                metrics["lyapunov/saturated"] = sum(f.saturated for f in fits) / len(fits)
                 self.last_metrics = {**self.last_metrics, **metrics}
                 plumb.log_scalars(trainer, pl_module, metrics, step)
 
@@ -740,13 +756,13 @@ class LyapunovTwinRun(Callback):
         if not self._tracks:
             return {}
         return {
-            "eps": self._eps,
             "generator": self._generator.get_state(),
             "tracks": [t.state_dict() for t in self._tracks],
             "twins": [t.state_dict() for t in self._twins],
             "tangents": [apply_to_collection(t.state_dict(), Tensor, Tensor.cpu) for t in self._tangents],
             "probe": None if self._probe is None else apply_to_collection(self._probe, Tensor, Tensor.cpu),
             "last_summary": self._last_summary,
+            "diverged": self._diverged,
             "skipped": self._skip_warn.count,
             "reseeds": self._reseed_warn.count,
         }
@@ -754,16 +770,3 @@ class LyapunovTwinRun(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # applied in on_train_start, once the optimizer exists and the module is on its device
         self._pending = state_dict or None
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _fit_or_none(track: _Track) -> LocalExponentFit | None:
-    if len(track.log_d) < 3:
-        return None
-    try:
-        return local_exponent(track.log_d, track.steps)
-    except ValueError:  # non-finite samples
-        return None

@@ -34,9 +34,10 @@ from torch import Tensor
 Norm = Literal["l2", "l1"]
 _NORMS = ("l2", "l1")
 
-# sqrt(unit roundoff) to the nearest decade: float64 sqrt(1.1e-16) = 1.05e-8 → 1e-8 (the paper's
-# value); float32 sqrt(6.0e-8) = 2.4e-4 → 1e-4.
-_DEFAULT_EPSILON = {torch.float64: 1e-8, torch.float32: 1e-4}
+# sqrt(unit roundoff) to the nearest decade, per unit of weight norm: float64 sqrt(1.1e-16) = 1.05e-8 → 1e-8
+# (the paper's value); float32 sqrt(6.0e-8) = 2.4e-4 → 1e-4; bfloat16 (the compute dtype under bf16-mixed)
+# sqrt(3.9e-3) = 0.0625 → 1e-1.
+_DEFAULT_EPSILON = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 1e-1}
 
 
 def _check_norm(norm: str) -> None:
@@ -70,27 +71,63 @@ def _at_least_float32(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def default_epsilon(dtype: torch.dtype) -> float:
-    """Size ε of the twin perturbation for parameters stored in ``dtype``.
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = half the machine epsilon of a floating dtype: the largest relative error of one rounding."""
+    return torch.finfo(dtype).eps / 2
 
-    ε is the *norm* of the perturbation in the distance used to compare the twins (L2 or L1
-    over all parameters), not a per-coordinate size. It balances two errors, as the step of a
-    forward finite difference does: the nonlinear (non-tangent) part of the separation grows like
-    ε, while rounding the twin's weights adds noise of relative size u/ε with u the unit roundoff;
-    the balance is ε ≈ √u, taken to the nearest decade:
+
+def default_epsilon(dtype: torch.dtype, weight_norm: float = 1.0) -> float:
+    """Size ε of the twin perturbation for weights of norm ``weight_norm`` computed in ``dtype``.
+
+    ε = c_dtype · max(‖θ‖, 1), in the norm used to compare the twins (L2 or L1 over all parameters),
+    with c_dtype = √u to the nearest decade (u the unit roundoff). ε balances two errors, as the step
+    of a forward finite difference does: the nonlinear (non-tangent) part of the separation grows
+    like ε, while storing θ + δ rounds every coordinate by up to u·|θ_i|, an error of up to u·‖θ‖ in
+    the separation (:func:`rounding_floor`), relative size u·‖θ‖/ε. Scaling ε with ‖θ‖ keeps that
+    relative error at √u whatever the weights' size (an absolute 1e-8 is erased by float64 weights
+    of size 1e8); the floor 1 keeps tiny or zero weights from shrinking ε towards 0.
 
     * float64: √(1.1e-16) ≈ 1.05e-8 → 1e-8, the value of Jiménez-González et al. (arXiv 2506.08523);
-    * float32: √(6.0e-8) ≈ 2.4e-4 → 1e-4 (1e-8 would be erased: 1 + 1e-8 == 1 in float32).
+    * float32: √(6.0e-8) ≈ 2.4e-4 → 1e-4 (1e-8 would be erased: 1 + 1e-8 == 1 in float32);
+    * bfloat16, the *compute* dtype under bf16 autocast (the weights stay float32 but every matmul
+      rounds them and the activations to bfloat16, u = 2⁻⁸ ≈ 3.9e-3): √u ≈ 0.0625 → 1e-1. A
+      separation below u·‖θ‖ is blurred by that rounding, so a bf16 exponent is the growth rate of
+      separations of size 0.1·‖θ‖ above the rounding noise floor — a finite-size exponent, not the
+      tangent exponent of the float32 map.
 
-    float16 and bfloat16 are refused: √u is 2e-2 (float16) or 4e-2 (bfloat16), too large for the
-    separation to stay in the linear regime. Run the twin in float32 or float64.
+    float16 is refused (its training runs need a gradient scaler, whose skipped steps a twin cannot
+    replay); so are integer dtypes.
     """
     if dtype not in _DEFAULT_EPSILON:
         raise ValueError(
-            f"default_epsilon supports torch.float64 and torch.float32, got {dtype}; "
-            "half precision cannot hold a separation that is both small and above rounding"
+            f"default_epsilon supports torch.float64, torch.float32 and torch.bfloat16 (compute dtype), got {dtype}"
         )
-    return _DEFAULT_EPSILON[dtype]
+    if not (isinstance(weight_norm, (int, float)) and math.isfinite(weight_norm) and weight_norm >= 0):
+        raise ValueError(f"weight_norm must be a finite number >= 0, got {weight_norm!r}")
+    return _DEFAULT_EPSILON[dtype] * max(float(weight_norm), 1.0)
+
+
+def parameter_norm(params: Sequence[Tensor], norm: Norm) -> float:
+    """‖θ‖ over all tensors (``"l2"`` or ``"l1"``), accumulated in float64."""
+    _check_norm(norm)
+    if len(params) == 0:
+        raise ValueError("parameter_norm: expected at least one tensor, got none")
+    with torch.no_grad():
+        return float(_norm64([_at_least_float32(p) for p in params], norm))
+
+
+def rounding_floor(params: Sequence[Tensor], norm: Norm, compute_dtype: torch.dtype | None = None) -> float:
+    """u·‖θ‖: how far rounding can move a separation δ stored (or computed) next to weights θ.
+
+    Storing θ + δ in the parameters' dtype rounds coordinate i by at most u·|θ_i + δ_i|, so
+    ‖fl(θ + δ) − θ − δ‖ ≤ u·‖θ + δ‖ ≈ u·‖θ‖ in L1 or L2; a separation ε is resolved to a relative
+    error u·‖θ‖/ε. ``compute_dtype`` (e.g. ``torch.bfloat16`` under autocast) is a further rounding
+    of the weights in every forward pass; u is the larger of the two unit roundoffs.
+    """
+    u = max(unit_roundoff(p.dtype) for p in params)
+    if compute_dtype is not None:
+        u = max(u, unit_roundoff(compute_dtype))
+    return u * parameter_norm(params, norm)
 
 
 def parameter_distance(a: Sequence[Tensor], b: Sequence[Tensor], norm: Norm) -> Tensor:
@@ -219,6 +256,64 @@ class BenettinAccumulator:
         self.log_growth = float(state["log_growth"])
         self.steps = int(state["steps"])
         self.intervals = int(state["intervals"])
+
+
+class DecimatedCurve:
+    """Samples (t, y) of a growing curve in bounded memory: every sample, then every 2nd, 4th, ….
+
+    The kept samples are those whose index since :meth:`clear` is a multiple of ``stride``; when
+    they exceed ``max_points``, every other one is dropped and ``stride`` doubles. So at most
+    ``max_points`` samples are kept (at least half that once decimation started), evenly spaced
+    in the sample index, always including the first; the latest sample is kept as well (``tail``)
+    when it falls between strides. A least-squares slope of y against t over the kept points
+    estimates the same slope as over all points (the points are an evenly spaced subsample), so
+    :func:`local_exponent` keeps its meaning; only its ``min_plateau`` counts kept points.
+    """
+
+    def __init__(self, max_points: int = 2048) -> None:
+        if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 4:
+            raise ValueError(f"max_points must be an int >= 4, got {max_points!r}")
+        self.max_points = max_points
+        self.clear()
+
+    def clear(self) -> None:
+        self.t: list[float] = []
+        self.y: list[float] = []
+        self.stride = 1
+        self.count = 0  # samples appended since clear()
+        self.tail: tuple[float, float] | None = None
+
+    def append(self, t: float, y: float) -> None:
+        index, self.count = self.count, self.count + 1
+        if index % self.stride:
+            self.tail = (t, y)
+            return
+        self.tail = None
+        self.t.append(t)
+        self.y.append(y)
+        if len(self.t) > self.max_points:
+            self.t, self.y = self.t[::2], self.y[::2]
+            self.stride *= 2
+
+    def points(self) -> tuple[list[float], list[float]]:
+        """(t, y) of the kept samples and the latest one, in order."""
+        if self.tail is None:
+            return list(self.t), list(self.y)
+        return [*self.t, self.tail[0]], [*self.y, self.tail[1]]
+
+    def __len__(self) -> int:
+        return len(self.t) + (self.tail is not None)
+
+    def state_dict(self) -> dict:
+        return {"t": list(self.t), "y": list(self.y), "stride": self.stride, "count": self.count, "tail": self.tail}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"t", "y", "stride", "count", "tail"} - set(state)
+        if missing:
+            raise ValueError(f"DecimatedCurve state is missing {sorted(missing)}")
+        self.t, self.y = list(state["t"]), list(state["y"])
+        self.stride, self.count = int(state["stride"]), int(state["count"])
+        self.tail = None if state["tail"] is None else tuple(state["tail"])
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from chaos_callbacks.callbacks.lyapunov_twin import LyapunovTwinRun
-from chaos_callbacks.dynamics.lyapunov import random_perturbation
+from chaos_callbacks.dynamics.lyapunov import default_epsilon, parameter_norm, random_perturbation
 from chaos_callbacks.plotting.lyapunov import log_distance_figure
 from tests.lightning_helpers import (
     ManualTinyNet,
@@ -101,17 +101,25 @@ TOLERANCE = {("twin", torch.float64): 1e-8, ("twin", torch.float32): 2e-4, ("tan
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mode", ["twin", "tangent"])
-@pytest.mark.parametrize("lr,steps", [(0.1, 100), (0.3, 50)])
-def test_least_squares_exponent_is_max_log_one_minus_lr_lambda(lr, steps, mode, dtype):
+@pytest.mark.parametrize("lr,steps,offset", [(0.1, 100, 1.0), (0.3, 50, 0.0), (0.3, 70, 1.0)])
+def test_least_squares_exponent_is_max_log_one_minus_lr_lambda(lr, steps, offset, mode, dtype):
     """GD on a quadratic is linear: separations evolve by I − ηH and λ_max = max_i ln|1 − ηλ_i|.
 
     η = 0.1: factors (0.2, 0.8, 0.95), stable, from w* + (1, −1, ½) (the main run converges);
-    η = 0.3: factors (−1.4, 0.4, 0.85), unstable, from w* (where the gradient is exactly zero).
+    η = 0.3: factors (−1.4, 0.4, 0.85), unstable, from w* (where the gradient is exactly zero), or from
+    w* + (1, −1, ½), where the main run diverges to ‖w‖ ≈ 1.7e10: an absolute ε would be erased by
+    rounding the weights (float64 spacing 2e-6 at 1e10), the default ε follows their norm.
     """
-    w0 = W_STAR + (torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64) if lr == 0.1 else 0.0)
+    w0 = W_STAR + offset * torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
     callback = LyapunovTwinRun(mode=mode, renormalize_every=10, seed=3)
     keep = Keep(callback)
-    fit(LeastSquares(lr, w0.to(dtype)), least_squares_data(dtype), [callback, keep], max_steps=steps, max_epochs=None)
+    model = LeastSquares(lr, w0.to(dtype))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, least_squares_data(dtype), [callback, keep], max_steps=steps, max_epochs=None)
+    assert not [w for w in caught if "LyapunovTwinRun" in str(w.message)]
+    if steps == 70:
+        assert float(model.linear.weight.norm()) > 1e10
     tol = TOLERANCE[mode, dtype]
     assert sorted(s for s, m in keep.seen.items() if "lyapunov/ftle" in m) == list(range(10, steps + 1, 10))
     # Benettin telescopes: the running MLE is the growth of the first direction over all steps
@@ -226,39 +234,85 @@ TRAIN = dict(max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=0.05)
 
 
 class PerturbedStart(pl.Callback):
-    """Adds the callback's first twin perturbation to the weights at fit start (an independent twin run)."""
+    """Adds the callback's twin perturbation number ``draw`` to the weights at fit start (an independent twin run).
+
+    Its size is the callback's default ε, relative to the norm of all parameters (bfloat16 compute under bf16-mixed).
+    """
+
+    def __init__(self, draw: int = 0) -> None:
+        self.draw = draw
 
     def on_train_start(self, trainer, pl_module):
-        params = [p for p in pl_module.parameters() if p.ndim >= 2]
-        delta = random_perturbation(params, 1e-8, "l2", torch.Generator().manual_seed(0))
+        everything = list(pl_module.parameters())
+        params = [p for p in everything if p.ndim >= 2]
+        dtype = torch.bfloat16 if trainer.precision == "bf16-mixed" else everything[0].dtype
+        eps = default_epsilon(dtype, parameter_norm(everything, "l2"))
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(self.draw + 1):
+            delta = random_perturbation(params, eps, "l2", generator)
         with torch.no_grad():
             for p, dp in zip(params, delta):
                 p.add_(dp)
 
 
-@pytest.mark.parametrize("optimizer", [dict(momentum=0.9), dict(optimizer="adam")])
-def test_twin_equals_an_independent_run_from_the_perturbed_start(optimizer):
-    """Same batches, dropout masks, batch-norm statistics, optimizer state, accumulation, clipping: bit for bit."""
-    callback = LyapunovTwinRun(renormalize_every=None, function_space=True, summary_every_n_steps=None)
+def cross_entropy(module, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(module(x), y)
+
+
+class ManualBatchNormNet(TinyNet):
+    """TinyNet(batch_norm, dropout, momentum) with manual optimization: training_step steps the optimizer itself."""
+
+    def __init__(self) -> None:
+        super().__init__(**MODEL, momentum=0.9)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+INDEPENDENT_RUNS = {
+    "sgd-momentum": (lambda: TinyNet(**MODEL, momentum=0.9).double(), {}, TRAIN),
+    "adam": (lambda: TinyNet(**MODEL, optimizer="adam").double(), {}, TRAIN),
+    "clip-by-value": (lambda: TinyNet(**MODEL, momentum=0.9).double(), {}, dict(TRAIN, gradient_clip_algorithm="value")),
+    "bf16-mixed": (lambda: TinyNet(**MODEL, momentum=0.9), {}, dict(TRAIN, precision="bf16-mixed")),
+    "manual": (lambda: ManualBatchNormNet().double(), dict(loss_fn=cross_entropy), dict(max_epochs=2)),
+}
+
+
+@pytest.mark.parametrize("case", INDEPENDENT_RUNS)
+def test_twin_equals_an_independent_run_from_the_perturbed_start(case):
+    """Same batches, dropout masks, batch-norm statistics, optimizer state, accumulation, clipping (by norm or by
+    value), bf16 autocast, manual optimization through loss_fn: twin i is, bit for bit, the run from θ_0 + δ_i."""
+    make, kwargs, train = INDEPENDENT_RUNS[case]
+    callback = LyapunovTwinRun(renormalize_every=None, n_twins=2, function_space=True, summary_every_n_steps=None, **kwargs)
     keep = Keep(callback)
     pl.seed_everything(0, verbose=False)
-    main = TinyNet(**MODEL, **optimizer).double()
-    fit(main, loader(double_data(), shuffle=False), [callback, keep], **TRAIN)
-    pl.seed_everything(0, verbose=False)
-    reference = TinyNet(**MODEL, **optimizer).double()
-    fit(reference, loader(double_data(), shuffle=False), [PerturbedStart()], **TRAIN)
-    twin = callback._twins[0]
-    for t, p in zip(twin.params, reference.parameters()):
-        assert torch.equal(t, p)
-    for t, b in zip(twin.buffers, reference.buffers()):
-        assert torch.equal(t, b)
-    delta = [t - p.detach() for t, p in zip(twin.params, main.parameters())]
-    assert keep.seen[4]["lyapunov/distance"] == pytest.approx(float(torch.cat([d.reshape(-1) for d in delta]).norm()), rel=1e-12)
-    # function space: outputs of the two runs (eval mode) on the first batch
-    x = double_data().tensors[0][:16]
-    with torch.no_grad():
-        expected = float((reference.eval()(x) - main.eval()(x)).norm())
-    assert keep.seen[4]["lyapunov/function_distance"] == pytest.approx(expected, rel=1e-10)
+    main = make()
+    data = double_data() if main.dtype == torch.float64 else random_classification()
+    fit(main, loader(data, shuffle=False), [callback, keep], **train)
+    last = max(keep.seen)
+    assert last == (8 if case == "manual" else 4)
+    references = []
+    for i, twin in enumerate(callback._twins):
+        pl.seed_everything(0, verbose=False)
+        references.append(make())
+        fit(references[i], loader(data, shuffle=False), [PerturbedStart(draw=i)], **train)
+        for t, p in zip(twin.params, references[i].parameters()):
+            assert torch.equal(t, p)
+        for t, b in zip(twin.buffers, references[i].buffers()):
+            assert torch.equal(t, b)
+    delta = [(t - p.detach()).double() for t, p in zip(callback._twins[1].params, main.parameters())]
+    assert callback.per_twin["distance"][1] == pytest.approx(float(torch.cat([d.reshape(-1) for d in delta]).norm()), rel=1e-12)
+    # function space: outputs of the runs (eval mode, the main step's autocast) on the first batch
+    x = data.tensors[0][:16]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16-mixed"):
+        expected = np.mean([float((r.eval()(x).double() - main.eval()(x).double()).norm()) for r in references])
+    assert keep.seen[last]["lyapunov/function_distance"] == pytest.approx(expected, rel=1e-10)
 
 
 def test_twin_and_tangent_modes_agree():
@@ -372,19 +426,24 @@ def test_non_finite_twin_is_reseeded_with_one_warning(mode):
         loss = nn.functional.cross_entropy(module(x), y)
         return loss * float("nan") if len(calls) in (3, 4) else loss
 
+    class WeightNorm(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            norms[trainer.global_step] = parameter_norm(list(pl_module.parameters()), "l2")
+
+    norms = {}
     callback = LyapunovTwinRun(mode=mode, renormalize_every=2, loss_fn=loss_fn)
     keep = Keep(callback)
     baseline = fit_snapshot({}, [], max_steps=8, max_epochs=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        watched = fit_snapshot({}, [callback, keep], max_steps=8, max_epochs=None)
+        watched = fit_snapshot({}, [callback, keep, WeightNorm()], max_steps=8, max_epochs=None)
     assert_identical_runs(baseline, watched)
     ours = [w for w in caught if "LyapunovTwinRun" in str(w.message)]
     assert len(ours) == 1 and "re-seeded" in str(ours[0].message)
     assert keep.seen[3] == {"lyapunov/reseeds": 1.0} and keep.seen[4] == {"lyapunov/reseeds": 2.0}
     assert callback.log_distance_curves()[0][0] == [4, 5, 6, 7, 8]  # a fresh pair from step 4
-    if mode == "twin":  # re-seeded at distance ε from the main weights after step 4
-        assert callback.log_distance_curves()[0][1][0] == pytest.approx(math.log(1e-4), abs=1e-3)
+    # re-seeded at distance ε = 1e-4·‖θ‖ (the default, float32) from the main weights after step 4
+    assert callback.log_distance_curves()[0][1][0] == pytest.approx(math.log(1e-4 * norms[4]), abs=1e-3)
     # the exponent counts the 6 good steps (1, 2, 5-8), not the two that failed
     accumulator = callback._twins[0].benettin if mode == "twin" else callback._tangents[0].benettin
     assert accumulator.steps == 6 and math.isfinite(callback.mle)
@@ -406,9 +465,10 @@ class TwoGroups(TinyNet):
         (dict(mode="tangent"), lambda: TinyNet(optimizer="adam"), {}, "SGD only"),
         (dict(mode="tangent"), TwoGroups, {}, "one set of SGD hyperparameters"),
         (dict(mode="tangent"), TinyNet, dict(gradient_clip_val=1.0), "clipping"),
-        (dict(), TinyNet, dict(precision="bf16-mixed"), "precision"),
+        (dict(), TinyNet, dict(precision="bf16-true"), "precision"),
         (dict(), CustomClipping, {}, "configure_gradient_clipping"),
-        (dict(), ManualTinyNet, {}, "manual optimization"),
+        (dict(), ManualTinyNet, {}, "manual optimization"),  # without loss_fn
+        (dict(mode="tangent"), ManualTinyNet, {}, "manual optimization"),
         (dict(), DoubleWell, {}, "perturb='all'"),
         (dict(epsilon=1e-12), TinyNet, {}, "erased by rounding"),
     ],
@@ -435,25 +495,34 @@ def test_adam_twin_with_two_param_groups_runs():
     assert math.isfinite(callback.mle)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(mode="chaos"),
-        dict(renormalize_every=0),
-        dict(renormalize_every=2.5),
-        dict(n_twins=0),
-        dict(epsilon=0.0),
-        dict(epsilon=float("nan")),
-        dict(perturb="biases"),
-        dict(norm="linf"),
-        dict(mode="tangent", function_space=True),
-        dict(summary_every_n_steps=0),
-        dict(seed=1.5),
-    ],
-)
-def test_invalid_arguments(kwargs):
-    with pytest.raises(ValueError):
-        LyapunovTwinRun(**kwargs)
+BAD_ARGUMENTS = {
+    "mode": ["chaos", None, 1, True],
+    "renormalize_every": [0, -1, 2.5, True, "3", math.inf, math.nan],
+    "n_twins": [0, -1, 2.5, True, None, "3", math.inf],
+    "epsilon": [0, 0.0, -1e-8, True, "3", math.inf, math.nan],
+    "perturb": ["biases", None, True],
+    "norm": ["linf", None, 2],
+    "function_space": [None, 1, "yes"],
+    "output_fn": [1, "f"],
+    "loss_fn": [1, "cross_entropy", torch.zeros(())],
+    "summary_every_n_steps": [0, -1, 2.5, True, "3", math.nan],
+    "seed": [-1, 1.5, True, None, "3", math.inf],
+}
+
+
+@pytest.mark.parametrize("name,value", [(n, v) for n, values in BAD_ARGUMENTS.items() for v in values])
+def test_invalid_arguments(name, value):
+    with pytest.raises(ValueError, match=f"LyapunovTwinRun: {name} must be"):
+        LyapunovTwinRun(**{name: value})
+
+
+def test_arguments_accept_numpy_integers_and_none_where_allowed():
+    callback = LyapunovTwinRun(renormalize_every=np.int64(5), n_twins=np.int32(2), seed=np.uint8(3), epsilon=np.float64(1e-3))
+    assert (callback.renormalize_every, callback.n_twins, callback.seed, callback.epsilon) == (5, 2, 3, 1e-3)
+    assert type(callback.n_twins) is int
+    LyapunovTwinRun(renormalize_every=None, epsilon=None, summary_every_n_steps=None, loss_fn=None, output_fn=None)
+    with pytest.raises(ValueError, match="function_space=True needs mode='twin'"):
+        LyapunovTwinRun(mode="tangent", function_space=True)
 
 
 def test_two_instances_have_distinct_state_keys():

@@ -8,14 +8,18 @@ import torch
 
 from chaos_callbacks.dynamics.lyapunov import (
     BenettinAccumulator,
+    DecimatedCurve,
     LocalExponentFit,
     TangentAccumulator,
     default_epsilon,
     local_exponent,
     parameter_distance,
+    parameter_norm,
     random_perturbation,
     renormalize_,
+    rounding_floor,
     tangent_sgd_step,
+    unit_roundoff,
 )
 
 # Hessian spectrum of the least-squares problem; the parameters are two tensors, shapes (2, 2) and (2,).
@@ -311,12 +315,64 @@ def test_local_exponent_skips_transient_and_detects_a_floor():
 
 def test_default_epsilon_survives_its_dtype():
     assert default_epsilon(torch.float64) == 1e-8 and default_epsilon(torch.float32) == 1e-4
+    assert default_epsilon(torch.bfloat16) == 1e-1
+    assert default_epsilon(torch.float32, 0.0) == default_epsilon(torch.float32, 0.5) == 1e-4  # floor: norm 1
+    assert default_epsilon(torch.float64, 3e10) == pytest.approx(300.0, rel=1e-15)
     one = torch.ones((), dtype=torch.float32)
     assert one + 1e-8 == one  # the paper's ε is erased in float32 ...
     assert (one + default_epsilon(torch.float32) / math.sqrt(1e4)) != one  # ... 1e-4 over 10⁴ weights is not
-    for dtype in (torch.float16, torch.bfloat16, torch.int64):
-        with pytest.raises(ValueError, match="float64 and torch.float32"):
+    for dtype in (torch.float16, torch.int64):
+        with pytest.raises(ValueError, match="float64, torch.float32 and torch.bfloat16"):
             default_epsilon(dtype)
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="weight_norm"):
+            default_epsilon(torch.float32, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e5, 1e10, 1e30])
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_default_epsilon_is_resolved_at_any_weight_scale(dtype, scale, norm):
+    """‖fl(θ + δ) − θ‖ = ‖δ‖ to within the predicted rounding u·‖θ‖/ε ≤ √u-ish, for weights from 1e-3 to 1e30."""
+    g = torch.Generator().manual_seed(0)
+    theta = [scale * torch.randn(50, 20, generator=g, dtype=torch.float64).to(dtype), scale * torch.randn(20, generator=g).to(dtype)]
+    eps = default_epsilon(dtype, parameter_norm(theta, norm))
+    delta = random_perturbation(theta, eps, norm, torch.Generator().manual_seed(1))
+    twin = [t + d for t, d in zip(theta, delta)]
+    realised = float(parameter_distance(twin, theta, norm))
+    predicted = rounding_floor(theta, norm) / eps
+    assert predicted <= 2.5 * math.sqrt(unit_roundoff(dtype))
+    assert realised == pytest.approx(eps, rel=predicted + 4 * unit_roundoff(dtype))
+    # an absolute ε of the same size at scale 1 is erased (or blurred) at large scales
+    if scale >= 1e10:
+        absolute = [t + d for t, d in zip(theta, random_perturbation(theta, default_epsilon(dtype), norm, torch.Generator().manual_seed(1)))]
+        assert abs(float(parameter_distance(absolute, theta, norm)) - default_epsilon(dtype)) > 0.5 * default_epsilon(dtype)
+
+
+def test_rounding_floor_and_parameter_norm():
+    theta = [torch.tensor([3.0, -4.0]), torch.tensor([[12.0]], dtype=torch.float64)]
+    assert parameter_norm(theta, "l2") == 13.0 and parameter_norm(theta, "l1") == 19.0
+    assert rounding_floor(theta, "l2") == 13.0 * 2.0**-24  # the widest rounding among the dtypes: float32
+    assert rounding_floor(theta, "l1", torch.bfloat16) == 19.0 * 2.0**-8
+    assert unit_roundoff(torch.float64) == 2.0**-53
+
+
+def test_decimated_curve_keeps_a_bounded_evenly_spaced_subsample():
+    curve = DecimatedCurve(max_points=8)
+    for i in range(100):
+        curve.append(i, 2.0 * i)
+        assert len(curve.t) <= 8
+    t, y = curve.points()
+    assert curve.stride == 16 and t == [0, 16, 32, 48, 64, 80, 96, 99] and y == [2.0 * x for x in t]
+    copy = DecimatedCurve(max_points=8)
+    copy.load_state_dict(curve.state_dict())
+    for c in (curve, copy):
+        c.append(100, 200.0)
+    assert copy.points() == curve.points()
+    curve.clear()
+    assert curve.points() == ([], []) and len(curve) == 0
+    with pytest.raises(ValueError, match="max_points"):
+        DecimatedCurve(max_points=3)
 
 
 def test_parameter_distance_is_exact_on_tiny_differences():

@@ -1,0 +1,211 @@
+"""The twins of ``LyapunovTwinRun``: copies of the trained parameters that repeat the main run's optimizer
+steps (:class:`Twin`), and the ln d(t) record of each perturbed trajectory (:class:`Track`).
+
+Plain torch (no Lightning): the callback decides when a twin steps, with which gradient and
+hyperparameters; this module holds the twin's tensors, rebuilds the main optimizer over them,
+evaluates the module at the twin's weights without copying, and keeps the bounded history.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from chaos_callbacks.dynamics.lyapunov import BenettinAccumulator, DecimatedCurve
+
+HISTORY_POINTS = 2048  # ln d(t) samples kept per twin
+
+
+@contextmanager
+def swapped(targets: Sequence[Tensor], values: Sequence[Tensor]) -> Iterator[None]:
+    """Point each target at the storage of the matching value (no copy); put the originals back on exit.
+
+    The module's parameters keep their identity, so the user's own ``training_step`` evaluates the
+    twin and ``torch.autograd.grad`` w.r.t. those parameters gives the twin's gradient; in-place
+    buffer updates (batch-norm running statistics) land in the twin's buffers. The main values
+    return bit for bit: their storage is only detached, never written.
+    """
+    saved = [t.data for t in targets]
+    try:
+        for t, v in zip(targets, values):
+            t.data = v
+        yield
+    finally:
+        for t, s in zip(targets, saved):
+            t.data = s
+
+
+def hyperparameters(optimizer: Optimizer) -> list[dict[str, Any]]:
+    """Every param group's hyperparameters (all keys but ``params``)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def structure(optimizer: Optimizer) -> tuple[int, ...]:
+    """Number of parameters in each param group."""
+    return tuple(len(group["params"]) for group in optimizer.param_groups)
+
+
+def rebuild_optimizer(optimizer: Optimizer, params: Sequence[Tensor]) -> Optimizer:
+    """``type(optimizer)`` over ``params``, with the same param groups and hyperparameters.
+
+    Constructor defaults are passed only where the constructor accepts them (``AdamW.defaults``
+    holds keys its ``__init__`` does not take); each group carries all its own values anyway.
+    """
+    signature = inspect.signature(type(optimizer).__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
+    defaults = {k: v for k, v in optimizer.defaults.items() if takes_any or k in signature}
+    groups, offset = [], 0
+    for values, size in zip(hyperparameters(optimizer), structure(optimizer)):
+        groups.append({**values, "params": list(params[offset : offset + size])})
+        offset += size
+    return type(optimizer)(groups, **defaults)
+
+
+class Twin:
+    """One twin trajectory: parameters, buffers and optimizer of its own, shaped like the main run's."""
+
+    def __init__(self, optimizer: Optimizer, params: Sequence[Tensor], buffers: Sequence[Tensor]) -> None:
+        self.params = [p.detach().clone() for p in params]
+        self.buffers = [b.detach().clone() for b in buffers]
+        self.optimizer = rebuild_optimizer(optimizer, self.params)
+        self.grads: list[Tensor | None] = [None] * len(self.params)
+        self.loss: Tensor | None = None
+        self.benettin = BenettinAccumulator()
+
+    def reset(
+        self, optimizer: Optimizer, params: Sequence[Tensor], buffers: Sequence[Tensor], delta: Sequence[Tensor | None]
+    ) -> None:
+        """Twin ← main + δ, with the main run's buffers and a copy of its optimizer state."""
+        with torch.no_grad():
+            for t, p, dp in zip(self.params, params, delta):
+                t.copy_(p if dp is None else p + dp)
+            for t, b in zip(self.buffers, buffers):
+                t.copy_(b)
+        self.optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        self.discard_gradients()
+
+    def discard_gradients(self) -> None:
+        self.grads = [None] * len(self.params)
+        self.loss = None
+
+    def accumulate(self, grads: Sequence[Tensor | None], loss: Tensor) -> None:
+        """Add one micro-batch's gradient and loss (both already divided by the accumulation count)."""
+        stored: set[int] = set()
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if self.grads[i] is not None:
+                self.grads[i].add_(g)
+                continue
+            # autograd hands one buffer to several inputs (e.g. both terms of a + b); accumulation and
+            # norm clipping work in place, so each parameter needs its own
+            self.grads[i] = g.clone() if g.data_ptr() in stored else g
+            stored.add(g.data_ptr())
+        self.loss = loss if self.loss is None else self.loss + loss
+
+    def step(self, hyperparameters: Sequence[dict[str, Any]], clip_val: float, clip_by_value: bool) -> None:
+        """One optimizer step with the main run's current hyperparameters and gradient clipping.
+
+        Clipping repeats Lightning's ``Precision.clip_gradients``: ``clip_grad_value_`` or
+        ``clip_grad_norm_`` (L2) over the parameters that have a gradient, when ``clip_val > 0``.
+        """
+        for group, values in zip(self.optimizer.param_groups, hyperparameters):
+            group.update(values)
+        for t, g in zip(self.params, self.grads):
+            t.grad = g
+        with_grad = [t for t in self.params if t.grad is not None]
+        if clip_val > 0 and with_grad:
+            if clip_by_value:
+                torch.nn.utils.clip_grad_value_(with_grad, clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(with_grad, clip_val)
+        self.optimizer.step()
+        for t in self.params:
+            t.grad = None
+        self.discard_gradients()
+
+    def momentum_pairs(self, optimizer: Optimizer, params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """(twin, main) optimizer-state tensors shaped like their parameter (momentum, Adam moments)."""
+        twin_state, main_state = [], []
+        for tp, mp in zip(self.params, params):
+            main = optimizer.state.get(mp, {})
+            for key, value in self.optimizer.state.get(tp, {}).items():
+                other = main.get(key)
+                if isinstance(value, Tensor) and value.is_floating_point() and value.shape == tp.shape:
+                    if isinstance(other, Tensor) and other.shape == value.shape:
+                        twin_state.append(value)
+                        main_state.append(other)
+        return twin_state, main_state
+
+    @property
+    def nbytes(self) -> int:
+        state = [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
+        return sum(t.numel() * t.element_size() for t in [*self.params, *self.buffers, *state])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": [t.cpu().clone() for t in self.params],
+            "buffers": [t.cpu().clone() for t in self.buffers],
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "benettin": self.benettin.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for t, saved in zip([*self.params, *self.buffers], [*state["params"], *state["buffers"]]):
+                t.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.benettin.load_state_dict(state["benettin"])
+
+
+class Track:
+    """ln d(t) of one perturbed trajectory since its last (re)seed, and its current Benettin interval.
+
+    The history is a :class:`~chaos_callbacks.dynamics.lyapunov.DecimatedCurve` of at most
+    ``HISTORY_POINTS`` samples, whatever the length of the run. A track without a valid separation
+    (its ε was erased by rounding) is ``idle`` until the next re-seed.
+    """
+
+    def __init__(self) -> None:
+        self.curve = DecimatedCurve(HISTORY_POINTS)
+        self.last = math.nan  # ln d measured after the latest step, before any renormalisation
+        self.now = math.nan  # ln d of the current state (after renormalisation)
+        self.interval_start = math.nan  # ln d at the start of the current interval
+        self.since = 0  # optimizer steps into the current interval
+        self.ftle = math.nan
+
+    @property
+    def idle(self) -> bool:
+        return not math.isfinite(self.now)
+
+    def restart(self, step: int, log_d: float) -> None:
+        """A new history from ``log_d`` (NaN: no valid separation, the track is idle)."""
+        self.curve.clear()
+        if math.isfinite(log_d):
+            self.curve.append(step, log_d)
+        self.last = log_d
+        self.start_interval(log_d)
+
+    def start_interval(self, log_d: float) -> None:
+        self.interval_start, self.now, self.since = log_d, log_d, 0
+
+    def record(self, step: int, log_d: float) -> None:
+        self.curve.append(step, log_d)
+        self.last = self.now = log_d
+        self.since += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**vars(self), "curve": self.curve.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.curve.load_state_dict(state.pop("curve"))
+        vars(self).update(state)
