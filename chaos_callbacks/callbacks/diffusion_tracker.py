@@ -80,7 +80,8 @@ class DiffusionTracker(Callback):
       and ``diffusion/crossover`` (τ₀ in steps, where the two power laws intersect), each with
       its ``_stderr``, logged **only** when a broken power law fits significantly better than
       one power law (``diffusion/crossover_pvalue`` < ``crossover_level``, always logged);
-    - ``MSL(Δr) = ⟨(L_i − L_j)²⟩ ∝ Δr^{2H}``: ``diffusion/hurst`` (H of the loss along the path);
+    - ``MSL(Δr) = ⟨(L_i − L_j)²⟩ ∝ Δr^{2H}``: ``diffusion/hurst`` (H of the loss along the path)
+      with ``diffusion/hurst_stderr`` (block jackknife);
     - contour length ``∝ R^{d_f}``: ``diffusion/fractal_dim`` (2/α for a steady walk);
     - ``diffusion/loss_variance`` (variance of the window's losses) and
       ``diffusion/temperature``, the window mean of the SGD temperature ``η/(2B)`` (Chaudhari &

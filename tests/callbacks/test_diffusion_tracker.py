@@ -28,7 +28,7 @@ from chaos_callbacks.callbacks.diffusion_tracker import DiffusionTracker
 from chaos_callbacks.dynamics.diffusion import fit_two_regime, log_spaced_lags, time_averaged_msd
 from tests.lightning_helpers import ManualTinyNet, TinyNet, assert_identical_runs, fit_snapshot, loader, trainer
 
-SCALARS = ("exponent", "exponent_stderr", "crossover_pvalue", "hurst", "fractal_dim", "temperature", "loss_variance")
+SCALARS = ("exponent", "exponent_stderr", "crossover_pvalue", "hurst", "hurst_stderr", "fractal_dim", "temperature", "loss_variance")
 CROSSOVER = ("exponent_short", "exponent_short_stderr", "exponent_long", "exponent_long_stderr", "crossover", "crossover_stderr")
 
 

@@ -32,7 +32,7 @@ from chaos_callbacks.dynamics.diffusion import (
     tamsd_log_covariance,
     time_averaged_msd,
 )
-from tests.dynamics.test_diffusion import brownian, fgn
+from tests.dynamics.test_diffusion import ballistic, brownian, fgn
 
 
 def fbm(steps: int, hurst: float, columns: int, seed: int) -> np.ndarray:
@@ -128,7 +128,7 @@ def test_fbm_in_one_and_many_dimensions_has_no_crossover(columns: int) -> None:
 
 def test_brownian_sgd_walk_has_no_crossover_and_exponent_one() -> None:
     for seed in range(2):
-        X = brownian(300 + seed)
+        X = brownian(300 + seed, steps=500)
         stats = analyse_window(X, X[:, 0], t_w=0, rng=0)
         assert math.isnan(stats.crossover) and stats.crossover_pvalue >= 0.01
         assert "crossover" in stats.scalars() and math.isnan(stats.scalars()["exponent_short"])
@@ -232,3 +232,21 @@ def test_window_without_losses_has_everything_but_the_loss_statistics() -> None:
 def test_bad_inputs_raise_value_error(call) -> None:
     with pytest.raises(ValueError):
         call()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hurst exponent of the loss along the path
+
+
+@pytest.mark.parametrize("hurst", [0.3, 0.7])
+def test_hurst_stderr_matches_the_spread_over_seeds(hurst: float) -> None:
+    # Δr = |v| τ exactly on a straight path, so MSL(Δr) = τ^{2H} ∝ Δr^{2H}
+    X = ballistic(7)
+    stats = [
+        analyse_window(X, np.cumsum(fgn(len(X), hurst, 1, seed=500 + s)[:, 0]), t_w=0, rng=s) for s in range(30)
+    ]
+    estimates = np.array([w.hurst for w in stats])
+    stderrs = np.array([w.hurst_stderr for w in stats])
+    assert np.mean(estimates) == pytest.approx(hurst, abs=0.03)
+    ratio = np.sqrt(np.mean(stderrs**2)) / np.std(estimates, ddof=1)
+    assert 1 / 1.5 < ratio < 1.5, ratio
