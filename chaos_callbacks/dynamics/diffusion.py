@@ -6,10 +6,13 @@ deep neural networks" (arXiv 2009.10588) on one window of T recorded (possibly s
 waiting time t_w, together with the training losses L_0, …, L_{T−1}:
 
 * time-averaged mean squared displacement MSD(τ) and its power law MSD ∝ τ^α (α > 1
-  superdiffusive, α < 1 subdiffusive), a two-regime fit with crossover τ₀, and the local
+  superdiffusive, α < 1 subdiffusive) with a standard error from a noise model of the MSD
+  (lags correlated, the trajectory's effective dimension), a two-regime fit with crossover
+  τ₀ reported only when a likelihood-ratio test prefers it to one power law, and the local
   exponent d log MSD / d log τ;
 * mean squared loss MSL(Δr) = E[(L_i − L_j)²] over pairs at distance Δr = ||x_i − x_j||,
-  MSL ∝ Δr^{2H} with Hurst exponent H of the loss landscape along the path;
+  MSL ∝ Δr^{2H} with Hurst exponent H of the loss landscape along the path (block-jackknife
+  standard error);
 * contour length against end-to-end distance of sub-trajectories, L ∝ R^{d_f};
 * the SGD temperature T = η / (2B) (Chaudhari & Soatto, ICLR 2018).
 
@@ -441,9 +444,9 @@ def _crossover_pvalue(u: np.ndarray, y: np.ndarray, shape: np.ndarray, noise: fl
     broken_bases = np.linalg.qr(_broken_design(u, _crossover_grid(u)))[0]
     rss_broken = float(np.min(_residual_sums(broken_bases, y)))
     statistic = math.inf if noise == 0 else (rss_one - rss_broken) / noise
-    jitter = 1e-12 * float(np.mean(np.diag(shape)))
-    chol = np.linalg.cholesky(shape + jitter * np.eye(u.size))
-    errors = chol @ np.random.default_rng(_MONTE_CARLO_SEED).standard_normal((u.size, _MONTE_CARLO_DRAWS))
+    values, vectors = np.linalg.eigh(shape)  # a square root that tolerates a near-singular Σ₁
+    root = vectors * np.sqrt(np.clip(values, 0.0, None))
+    errors = root @ np.random.default_rng(_MONTE_CARLO_SEED).standard_normal((u.size, _MONTE_CARLO_DRAWS))
     total = np.sum(errors**2, axis=0)
     one_basis = np.linalg.qr(np.column_stack([np.ones_like(u), u]))[0]
     null_one = total - np.sum((one_basis.T @ errors) ** 2, axis=0)
