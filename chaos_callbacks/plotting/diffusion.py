@@ -76,3 +76,41 @@ def msl_figure(windows: Sequence[WindowStats]) -> Figure:
     ax.set_title("loss roughness along the path")
     fig.tight_layout()
     return fig
+
+
+def _errorbars(ax: Axes, windows: Sequence[WindowStats], name: str, label: str, marker: str) -> bool:
+    """Plot ``name`` ± ``name_stderr`` against ``t_w`` for the windows where it is finite."""
+    points = [(w.t_w, getattr(w, name), getattr(w, f"{name}_stderr")) for w in windows]
+    points = [(t, v, e if np.isfinite(e) else 0.0) for t, v, e in points if np.isfinite(v)]
+    if not points:
+        return False
+    t, v, e = map(np.asarray, zip(*points))
+    ax.errorbar(t, v, yerr=e, fmt=marker, ms=4, capsize=2, lw=1, label=label)
+    return True
+
+
+def exponents_figure(windows: Sequence[WindowStats]) -> Figure:
+    """Fitted exponents and crossover of every window against its waiting time, ± one stderr.
+
+    Top: α (one power law) and, where a crossover is significant, α_s and α_l; 1 (dashed) is
+    Brownian motion. Bottom: the crossover lag τ₀. Each window is one marker, unsmoothed, so the
+    few windows of a run stay readable (TensorBoard's scalar smoothing hides sparse points).
+    """
+    if not windows:
+        raise ValueError("need at least one window to plot")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.2, 5.0), dpi=100, sharex=True, height_ratios=(3, 2))
+    _errorbars(top, windows, "exponent", "α (one power law)", "o")
+    _errorbars(top, windows, "exponent_short", "α_s (short lags)", "v")
+    _errorbars(top, windows, "exponent_long", "α_l (long lags)", "^")
+    top.axhline(1.0, color="grey", ls="--", lw=0.8)
+    top.set_ylabel("MSD exponent")
+    top.legend(fontsize=7, loc="best")
+    top.set_title("diffusion exponents per window (± stderr)")
+    if _errorbars(bottom, windows, "crossover", "τ₀", "s"):
+        bottom.set_yscale("log")
+    else:
+        bottom.text(0.5, 0.5, "no significant crossover", ha="center", va="center", transform=bottom.transAxes)
+    bottom.set_ylabel("crossover τ₀ (steps)")
+    bottom.set_xlabel("waiting time $t_w$ (step)")
+    fig.tight_layout()
+    return fig

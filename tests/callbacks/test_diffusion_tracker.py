@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from chaos_callbacks.callbacks.diffusion_tracker import DiffusionTracker
 from chaos_callbacks.dynamics.diffusion import fit_two_regime, log_spaced_lags, time_averaged_msd
-from tests.lightning_helpers import TinyNet, assert_identical_runs, fit_snapshot, loader, trainer
+from tests.lightning_helpers import ManualTinyNet, TinyNet, assert_identical_runs, fit_snapshot, loader, trainer
 
-SCALARS = ("exponent", "exponent_short", "exponent_long", "crossover", "hurst", "fractal_dim", "temperature", "loss_variance")
+SCALARS = ("exponent", "exponent_stderr", "crossover_pvalue", "hurst", "hurst_stderr", "fractal_dim", "temperature", "loss_variance")
+CROSSOVER = ("exponent_short", "exponent_short_stderr", "exponent_long", "exponent_long_stderr", "crossover", "crossover_stderr")
 
 
 class Walker(pl.LightningModule):
@@ -122,9 +123,9 @@ def test_ballistic_walk_exact_answers_per_window_with_stride_and_accumulation(tm
     speed2 = n * c**2  # ‖c‖²
     for w in tracker.windows:
         np.testing.assert_array_equal(w.lags, 2 * log_spaced_lags(20, 24))  # in steps
-        assert w.exponent == pytest.approx(2.0, abs=1e-9)
-        assert w.exponent_short == pytest.approx(2.0, abs=1e-9) and w.exponent_long == pytest.approx(2.0, abs=1e-9)
-        assert w.crossover in w.lags[1:-1]
+        assert w.exponent == pytest.approx(2.0, abs=1e-9) and w.exponent_stderr < 1e-9
+        # one exact power law: no crossover (a straight line has no second regime)
+        assert w.crossover_pvalue == 1.0 and all(math.isnan(getattr(w, name)) for name in CROSSOVER)
         assert w.fractal_dim == pytest.approx(1.0, abs=1e-9)
         assert w.hurst == pytest.approx(1.0, abs=0.05)  # binned distances k·Δr: 1 up to the binning
         # L_t = θ_t·c = −η‖c‖² t at t = t_w, t_w + 2, …, t_w + 38
@@ -134,8 +135,9 @@ def test_ballistic_walk_exact_answers_per_window_with_stride_and_accumulation(tm
     for name in SCALARS:
         events = acc.Scalars(f"diffusion/{name}")
         assert [e.step for e in events] == [38, 78], name
+    assert not any(f"diffusion/{name}" in acc.Tags()["scalars"] for name in CROSSOVER)
     assert acc.Scalars("diffusion/temperature")[0].value == pytest.approx(lr / (2 * 2))  # B = 2 micro-batches
-    for tag in ("diffusion/msd", "diffusion/msd_log_derivative", "diffusion/msl"):  # once, at the end of training
+    for tag in ("diffusion/msd", "diffusion/msd_log_derivative", "diffusion/msl", "diffusion/exponents"):  # once, at the end of training
         assert [e.step for e in acc.Images(tag)] == [78], tag
 
 
@@ -149,10 +151,13 @@ def test_confined_walk_stops_diffusing_at_long_lags():
     (w,) = tracker.windows
     expected = 2 * n * s2 * (1 - a ** w.lags.astype(float))
     np.testing.assert_allclose(w.msd, expected, rtol=0.25)
-    short, long, crossover = fit_two_regime(w.lags, expected)  # 0.80, 0.05, 14
-    assert w.exponent_long == pytest.approx(long, abs=0.1) and abs(w.exponent_long) < 0.15
-    assert w.exponent_short == pytest.approx(short, abs=0.15)
-    assert crossover / 2 <= w.crossover <= crossover * 2
+    short, long, crossover = fit_two_regime(w.lags, expected)  # 0.90, −0.01, 12.8: the estimator without noise
+    assert w.crossover_pvalue < 0.01
+    assert w.exponent_long == pytest.approx(long, abs=max(3 * w.exponent_long_stderr, 0.05)) and abs(w.exponent_long) < 0.15
+    assert w.exponent_short == pytest.approx(short, abs=max(3 * w.exponent_short_stderr, 0.05))
+    relaxation = -1 / math.log(a)  # MSD ∝ 1 − e^{−τ/relaxation}: the asymptotes cross at τ = relaxation
+    assert 1 / 1.6 < w.crossover / relaxation < 1.6
+    assert abs(math.log(w.crossover / crossover)) < 3 * w.crossover_stderr / w.crossover
 
 
 def test_sketch_agrees_with_exact_weights():
@@ -234,15 +239,113 @@ def test_frozen_and_nan_weights_are_skipped_with_one_warning():
     assert float(t.callback_metrics["diffusion/skipped"]) == 2
 
 
-def test_manual_optimization_needs_a_loss_key():
-    rows = torch.full((8, 4), 1.0, dtype=torch.float64)
-    missing, keyed = DiffusionTracker(window=4), DiffusionTracker(window=4, loss_key="walk_loss", seed=1)
+def test_manual_optimization_without_a_loss_still_tracks_the_weights():
+    rows = torch.full((8, 4), 1.0, dtype=torch.float64)  # ballistic: θ_t = −η t (1, 1, 1, 1)
+    missing = DiffusionTracker(window=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        walk(rows, [missing, keyed], manual=True)
+        t = walk(rows, [missing], manual=True)
     (message,) = count_ours(caught)
-    assert "loss_key" in message and missing.windows == []
-    assert [w.exponent for w in keyed.windows] == pytest.approx([2.0, 2.0], abs=1e-9)
+    assert "loss_key" in message and "hurst" in message
+    assert "diffusion/hurst" not in t.callback_metrics and "diffusion/loss_variance" not in t.callback_metrics
+    assert "diffusion/skipped" not in t.callback_metrics
+    assert float(t.callback_metrics["diffusion/exponent"]) == pytest.approx(2.0, abs=1e-9)
+    keyed = DiffusionTracker(window=4, loss_key="walk_loss", seed=1)
+    walk(rows, [keyed], manual=True)
+    for tracker in (missing, keyed):
+        assert [w.t_w for w in tracker.windows] == [0, 4]
+        assert [w.exponent for w in tracker.windows] == pytest.approx([2.0, 2.0], abs=1e-9)
+        assert [w.fractal_dim for w in tracker.windows] == pytest.approx([1.0, 1.0], abs=1e-9)
+    assert all(math.isnan(w.hurst) and math.isnan(w.loss_variance) and w.msl.size == 0 for w in missing.windows)
+    # L_t = θ_t · 1 = −4η t at t = 0 … 3 of each window
+    assert [w.loss_variance for w in keyed.windows] == pytest.approx([(4 * 0.1) ** 2 * np.var(np.arange(4))] * 2)
+
+
+def test_manual_optimization_module_gets_windows_without_loss_statistics():
+    tracker = DiffusionTracker(window=4)
+    t = trainer(callbacks=[tracker], max_epochs=3)  # 4 batches per epoch, one optimizer step each
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(ManualTinyNet(), loader())
+    assert [w.t_w for w in tracker.windows] == [0, 4, 8]
+    for w in tracker.windows:
+        assert math.isfinite(w.exponent) and math.isfinite(w.exponent_stderr) and math.isfinite(w.fractal_dim)
+        assert math.isnan(w.hurst) and math.isnan(w.loss_variance)
+    assert {"diffusion/exponent", "diffusion/exponent_stderr", "diffusion/fractal_dim", "diffusion/temperature"} <= set(t.callback_metrics)
+    assert not {"diffusion/hurst", "diffusion/loss_variance", "diffusion/skipped"} & set(t.callback_metrics)
+
+
+class StepSizeDescent(torch.optim.Optimizer):
+    """Gradient descent whose param groups hold ``step_size`` and no ``lr``."""
+
+    def __init__(self, params, step_size: float = 0.1) -> None:
+        super().__init__(params, {"step_size": step_size})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["step_size"])
+        return loss
+
+
+class StepSizeNet(TinyNet):
+    def configure_optimizers(self):
+        return StepSizeDescent(self.parameters())
+
+
+def test_optimizer_without_lr_omits_only_the_temperature():
+    tracker = DiffusionTracker(window=4)
+    t = trainer(callbacks=[tracker], max_epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(StepSizeNet(), loader())
+    assert "lr" not in t.optimizers[0].param_groups[0]
+    assert count_ours(caught) == [] and [w.t_w for w in tracker.windows] == [0, 4]
+    assert "diffusion/temperature" not in t.callback_metrics
+    assert {"diffusion/exponent", "diffusion/loss_variance"} <= set(t.callback_metrics)
+
+
+def test_a_failing_hook_is_contained(monkeypatch):
+    from chaos_callbacks.dynamics.sketch import CountSketch
+
+    def explode(self, params):
+        raise RuntimeError("projection exploded")
+
+    monkeypatch.setattr(CountSketch, "project", explode)
+    tracker = DiffusionTracker(window=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = walk(gaussian_rows(8, 4, seed=6), [tracker])
+    assert t.global_step == 8 and tracker.windows == []
+    (message,) = count_ours(caught)
+    assert "RuntimeError" in message and "projection exploded" in message
+    assert float(t.callback_metrics["diffusion/skipped"]) == 8
+
+
+def test_window_history_stays_bounded_without_changing_any_fit():
+    bounded, full = DiffusionTracker(window=4, max_windows=6, seed=2), DiffusionTracker(window=4, max_windows=10**6, seed=2)
+    sizes = []
+
+    class Size(pl.Callback):
+        def on_train_batch_end(self, *args):
+            sizes.append((len(bounded.windows), len(bounded.state_dict()["windows"])))
+
+    walk(gaussian_rows(200, 8, seed=7), [bounded, Size()])
+    walk(gaussian_rows(200, 8, seed=7), [full])  # the same run (state keys would clash in one)
+    assert len(full.windows) == 50 and max(max(pair) for pair in sizes) <= 6
+    t_ws = [w.t_w for w in bounded.windows]
+    assert t_ws[0] == 0 and t_ws[-3:] == [188, 192, 196] and t_ws == sorted(t_ws)
+    by_t_w = {w.t_w: w for w in full.windows}
+    for w in bounded.windows:  # the same statistics as without the bound
+        np.testing.assert_array_equal(w.msd, by_t_w[w.t_w].msd)
+        np.testing.assert_array_equal(list(w.scalars().values()), list(by_t_w[w.t_w].scalars().values()))
+    assert bounded.state_dict()["num_windows"] == 50
 
 
 def test_parameter_filters_and_fit_start_errors():
@@ -270,12 +373,36 @@ def test_parameter_filters_and_fit_start_errors():
         dict(figure_every_n_windows=-1),
         dict(loss_key=3),
         dict(max_exact_bytes=0),
+        dict(max_exact_bytes=float("inf")),
         dict(seed=-1),
+        dict(seed=True),
+        dict(window=True),
+        dict(window=np.float64(10)),
+        dict(dim=None),
+        dict(exact=1),
+        dict(lags=3.0),
+        dict(every_n_steps=np.int64(0)),
+        dict(params=["net.0", 3]),
+        dict(crossover_level=0.0),
+        dict(crossover_level=1.0),
+        dict(crossover_level=float("nan")),
+        dict(crossover_level="0.01"),
+        dict(max_windows=1),
+        dict(max_windows=10.0),
     ],
 )
 def test_invalid_arguments(kwargs):
-    with pytest.raises(ValueError):
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=f"DiffusionTracker: {name} must be"):
         DiffusionTracker(**kwargs)
+
+
+def test_numpy_integers_are_accepted():
+    tracker = DiffusionTracker(
+        window=np.int64(10), dim=np.int32(8), lags=np.int64(5), every_n_steps=np.int16(2), figure_every_n_windows=np.uint8(0),
+        max_exact_bytes=np.int64(2**20), seed=np.uint8(3), crossover_level=np.float32(0.05), max_windows=np.int64(4), exact=np.bool_(False),
+    )  # fmt: skip
+    assert type(tracker.window) is int and tracker.window == 10 and type(tracker.max_windows) is int
 
 
 def test_two_instances_have_distinct_state_keys():
