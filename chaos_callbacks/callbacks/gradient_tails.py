@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -45,59 +47,82 @@ def uniform_subset(total: int, k: int, generator: torch.Generator) -> Tensor:
     return distinct[torch.randperm(distinct.numel(), generator=generator)[:k]]
 
 
-def _nonzero_mask(source: Source, grad_scale: float) -> Tensor:
-    """Flat boolean mask of the entries whose fitted value (``g / grad_scale`` or ``g / grad_scale - m``) is not 0."""
-    grad, mean = source
-    if mean is None:
-        return grad.reshape(-1) != 0
-    return grad.reshape(-1).to(mean.dtype) / grad_scale != mean.reshape(-1)
+_PILOT_DRAWS = (5, 4, 64)  # first draw: k * 5/4 + 64 entries (enough when under ~15% are zero)
+_REDRAW_MARGIN = 1.2  # second draw: 1.2 k / (nonzero rate of the first) entries
+MAX_DRAWS_PER_SAMPLE = 20  # at most 20 k entries read: zero fractions up to ~95% still give k nonzero entries
 
 
-def nonzero_counts(sources: Sequence[Source], grad_scale: float = 1.0) -> list[int]:
-    """Number of entries of each source whose fitted value is not exactly 0 (one O(n) pass, one sync)."""
-    counts = [
-        torch.count_nonzero(grad) if mean is None else _nonzero_mask((grad, mean), grad_scale).sum()
-        for grad, mean in sources
-    ]
-    if not counts:
-        return []
-    return [int(c) for c in torch.stack([c.to(counts[0].device) for c in counts]).tolist()]
+@dataclass(frozen=True)
+class NonzeroSample:
+    """Nonzero entries drawn uniformly without replacement, and the zero count of the draw.
 
-
-def sample_nonzero_entries(
-    sources: Sequence[Source], counts: Sequence[int], k: int, generator: torch.Generator, grad_scale: float = 1.0
-) -> Tensor:
-    """``min(k, M)`` entries drawn uniformly without replacement from the ``M`` nonzero entries of ``sources``.
-
-    An entry is ``g[i] / grad_scale`` or, when the source carries a mean ``m``,
-    ``g[i] / grad_scale - m[i]``; ``counts`` are the sources' nonzero counts (``nonzero_counts``).
-    A uniform k-subset of the ranks ``0..M-1`` is drawn and rank r of a source is mapped to the
-    position of its (r+1)-th nonzero entry (``searchsorted`` on the mask's cumulative sum, one
-    int32/int64 vector the size of that parameter, only for parameters that have zeros); a source
-    without zeros is read at the sampled positions only. Returns a float64 CPU tensor (empty when
-    ``M = 0``); ``.grad`` is never written.
+    ``values``: at most k nonzero entries (float64, CPU); ``draws``: entries read, a uniform
+    ``draws``-subset of all ``total`` entries; ``zeros``: exact zeros among them.
     """
-    sizes = torch.tensor(list(counts), dtype=torch.int64)
+
+    values: Tensor
+    draws: int
+    zeros: int
+    total: int
+
+    @property
+    def zero_fraction(self) -> float:
+        """zeros / draws: unbiased for the fraction of exactly-zero entries (exact when draws = total)."""
+        return self.zeros / self.draws
+
+    @property
+    def zero_fraction_stderr(self) -> float:
+        """Standard error of ``zero_fraction``: sampling without replacement, Agresti-Coull adjusted,
+        sqrt(p (1 - p) / (m + 4) (1 - m / total)) with p = (zeros + 2) / (m + 4), m = draws; 0 when
+        every entry was read, never 0 otherwise (also when all or none of the draws are zero)."""
+        p = (self.zeros + 2) / (self.draws + 4)
+        return math.sqrt(p * (1 - p) / (self.draws + 4) * (1 - self.draws / self.total))
+
+
+def _read_entries(sources: Sequence[Source], index: Tensor, grad_scale: float) -> Tensor:
+    """Entries at the flat ``index`` of the concatenated sources, in ``index`` order (float64, CPU)."""
+    sizes = torch.tensor([g.numel() for g, _ in sources])
     ends = sizes.cumsum(0)
-    total = int(ends[-1]) if len(sources) else 0
-    if total == 0:
-        return torch.empty(0, dtype=torch.float64)
-    rank = uniform_subset(total, min(k, total), generator)
-    owner = torch.searchsorted(ends, rank, right=True)
-    local = rank - (ends - sizes)[owner]
-    pieces = []
+    owner = torch.searchsorted(ends, index, right=True)
+    local = index - (ends - sizes)[owner]
+    out = torch.empty(index.numel(), dtype=torch.float64)
     for i in torch.bincount(owner, minlength=len(sources)).nonzero().flatten().tolist():
         grad, mean = sources[i]
-        at = local[owner == i].to(grad.device)
-        if counts[i] < grad.numel():
-            index_dtype = torch.int32 if grad.numel() < 2**31 else torch.int64
-            seen = torch.cumsum(_nonzero_mask(sources[i], grad_scale), 0, dtype=index_dtype)
-            at = torch.searchsorted(seen, (at + 1).to(index_dtype))
+        mine = owner == i
+        at = local[mine].to(grad.device)
         values = grad.reshape(-1)[at].double() / grad_scale
         if mean is not None:
             values = values - mean.reshape(-1)[at].double()
-        pieces.append(values.cpu())
-    return torch.cat(pieces)
+        out[mine] = values.cpu()
+    return out
+
+
+def sample_nonzero_entries(
+    sources: Sequence[Source], k: int, generator: torch.Generator, grad_scale: float = 1.0, max_draws: int | None = None
+) -> NonzeroSample:
+    """Up to ``k`` entries drawn uniformly without replacement among the entries of ``sources`` that are not 0.
+
+    An entry is ``g[i] / grad_scale`` or, when the source carries a mean ``m``,
+    ``g[i] / grad_scale - m[i]``. Rejection sampling, reading only the drawn entries (no O(n)
+    pass): a uniform m-subset of all n entries (``uniform_subset``, in random order) is read; its
+    nonzero members are a uniform subset of the nonzero entries given their number, and the first
+    k of them in draw order a uniform k-subset. m = 5k/4 + 64 first; if that yields fewer than k
+    nonzero entries, a fresh draw of m = 1.2 k / (nonzero rate of the first) + 64 replaces it
+    (independent of the first given m, so ``zeros / draws`` stays unbiased). m never exceeds
+    ``max_draws`` (default: all n); with fewer than k nonzero entries found, all are returned.
+    ``.grad`` is never written.
+    """
+    total = sum(g.numel() for g, _ in sources)
+    limit = total if max_draws is None else min(total, max_draws)
+    numerator, denominator, extra = _PILOT_DRAWS
+    draws = min(limit, k * numerator // denominator + extra)
+    values = _read_entries(sources, uniform_subset(total, draws, generator), grad_scale)
+    found = int(torch.count_nonzero(values))
+    if found < k and draws < limit:
+        draws = min(limit, math.ceil(_REDRAW_MARGIN * k * draws / max(found, 1)) + extra)
+        values = _read_entries(sources, uniform_subset(total, draws, generator), grad_scale)
+    nonzero = values[values != 0]
+    return NonzeroSample(values=nonzero[:k], draws=draws, zeros=draws - nonzero.numel(), total=total)
 
 
 def _logger_step(trainer: Trainer) -> int:
@@ -122,18 +147,21 @@ class GradientTailFitter(Callback):
     entries are drawn uniformly without replacement among the entries that are not exactly zero,
     over all parameters of that optimizer that have a (dense) ``.grad``, with a ``torch.Generator``
     seeded by ``seed + global_step`` (same indices on every rank, never the global RNG). ``.grad``
-    is only read. Exact zeros (dead ReLU units, feature maps of size 1 after padding, embedding
-    rows absent from the batch: 63% of a ResNet-18's gradient at 32×32 pixels) are an atom, not
-    part of a tail: they are counted — ``grad_tail/zero_fraction``, exact, over all entries — and
-    left out of every fit, so alpha describes the nonzero entries. The sample is analysed by
+    is only read, and only at the drawn entries. Exact zeros (dead ReLU units, feature maps of size
+    1, embedding rows absent from the batch: 63% of a ResNet-18's gradient at 32×32 pixels) are an
+    atom, not part of a tail: they are left out of every fit, so alpha describes the nonzero
+    entries, and counted among the entries read (``sample_nonzero_entries``: rejection sampling
+    over a uniform draw of at most 20 ``num_samples`` entries, no pass over all parameters), which
+    gives ``grad_tail/zero_fraction``, an unbiased estimate, exact when every entry was read, with
+    ``grad_tail/zero_fraction_stderr``. Above ~95% zeros fewer than ``num_samples`` nonzero entries
+    may be found; fits of fewer than 50 are skipped. The sample is analysed by
     ``chaos_callbacks.dynamics.tails.analyse_tails``: stable fit (McCulloch's quantile estimator or
     maximum likelihood) with the standard error of alpha, and Vuong tests of the stable law against
     the Gaussian MLE (is the gradient heavy-tailed at all?) and against an ML Student t (is it
     alpha-stable with infinite variance, or a finite-variance heavy tail?). With ``per_layer=True``
     alpha is also fitted per layer, independently of the global fit (a skipped global fit does not
     stop them): a layer is the module that directly owns the parameters — ``net.0.weight`` and
-    ``net.0.bias`` pool into ``net.0`` — and gets its own ``min(num_samples, nonzero entries)``
-    entries. Layers with fewer than 50 entries are left out; a layer that cannot be fitted (e.g.
+    ``net.0.bias`` pool into ``net.0`` — and gets its own draw of nonzero entries. Layers with fewer than 50 entries are left out; a layer that cannot be fitted (e.g.
     an all-zero gradient) is skipped alone, with one warning per layer.
 
     Several optimizers (manual optimization, e.g. a GAN whose generator and discriminator each
@@ -170,9 +198,10 @@ class GradientTailFitter(Callback):
     observed information for ``mle``), ``grad_tail/scale``, ``grad_tail/llr_gauss`` and
     ``grad_tail/vuong_p`` (mean per-entry log-likelihood ratio stable − Gaussian, > 0 favours the
     stable law, and the two-sided Vuong p-value), ``grad_tail/llr_student_t`` and
-    ``grad_tail/vuong_p_student_t`` (the same against the Student t), ``grad_tail/zero_fraction``;
-    per layer ``grad_tail/<layer>/alpha``, ``grad_tail/<layer>/alpha_stderr`` and
-    ``grad_tail/<layer>/zero_fraction``; ``grad_tail/skipped`` (skipped estimates so far: no
+    ``grad_tail/vuong_p_student_t`` (the same against the Student t), ``grad_tail/zero_fraction``
+    and ``grad_tail/zero_fraction_stderr``; per layer ``grad_tail/<layer>/alpha``,
+    ``grad_tail/<layer>/alpha_stderr``, ``grad_tail/<layer>/zero_fraction`` and
+    ``grad_tail/<layer>/zero_fraction_stderr``; ``grad_tail/skipped`` (skipped estimates so far: no
     gradient, non-finite, fewer than 50 nonzero entries, constant, or failed); to TensorBoard also a
     histogram ``grad_tail/samples`` and, every ``figure_every_n_estimates`` estimates, a figure
     ``grad_tail/density`` of the empirical density of |g - median| with the fitted stable and
@@ -338,19 +367,21 @@ class GradientTailFitter(Callback):
         if not sources:
             self._skip(trainer, pl_module, step, "no-mean", "no parameter with a gradient has a running mean yet")
             return
-        usable = {n: s for n, s in sources.items() if finite[n]}
-        counts = dict(zip(usable, nonzero_counts(list(usable.values()), loss_scale)))
         generator = torch.Generator().manual_seed(self.seed + trainer.global_step)
-        metrics, samples, fit = self._global_fit(trainer, pl_module, step, part, sources, counts, generator, loss_scale)
+        metrics, samples, tails = self._global_fit(trainer, pl_module, step, part, sources, finite, generator, loss_scale)
         if self.per_layer:
-            metrics.update(self._layer_fits(trainer, usable, counts, generator, loss_scale))
+            usable = {n: source for n, source in sources.items() if finite[n]}
+            metrics.update(self._layer_fits(trainer, usable, generator, loss_scale))
         if not metrics:
             return
         self.last_estimate = metrics
         plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=(f"grad_tail/{part}alpha",))
-        if fit is not None:
+        if tails is not None:
             self._num_estimates[index] = self._num_estimates.get(index, 0) + 1
-            self._log_distribution(trainer, part, index, samples, fit.fit.alpha, fit.fit.scale, step)
+            self._log_distribution(trainer, part, index, samples, tails.fit.alpha, tails.fit.scale, step)
+
+    def _draw(self, sources: list[Source], generator: torch.Generator, loss_scale: float) -> NonzeroSample:
+        return sample_nonzero_entries(sources, self.num_samples, generator, loss_scale, MAX_DRAWS_PER_SAMPLE * self.num_samples)
 
     def _global_fit(
         self,
@@ -359,24 +390,24 @@ class GradientTailFitter(Callback):
         step: int,
         part: str,
         sources: dict[str, Source],
-        counts: dict[str, int],
+        finite: dict[str, bool],
         generator: torch.Generator,
         loss_scale: float,
     ) -> tuple[dict[str, float], Tensor, TailSummary | None]:
-        """Tags of the fit of all of the optimizer's entries (or only ``zero_fraction``, after a skip)."""
-        if len(counts) < len(sources):
+        """Tags of the fit of all of the optimizer's entries (only the zero fraction after a failed fit)."""
+        if not all(finite[n] for n in sources):
             msg = "non-finite (NaN/inf) gradient; under 16-mixed the GradScaler skips this step too"
             self._skip(trainer, pl_module, step, "non-finite", msg)
             return {}, torch.empty(0), None
         tag = f"grad_tail/{part}"
-        total = sum(grads.numel() for grads, _ in sources.values())
-        metrics = {f"{tag}zero_fraction": 1.0 - sum(counts.values()) / total}
-        samples = sample_nonzero_entries(list(sources.values()), list(counts.values()), self.num_samples, generator, loss_scale)
+        drawn = self._draw(list(sources.values()), generator, loss_scale)
+        metrics = {f"{tag}zero_fraction": drawn.zero_fraction, f"{tag}zero_fraction_stderr": drawn.zero_fraction_stderr}
         try:
-            tails = analyse_tails(samples.numpy(), self.method, self.num_samples, self.seed + trainer.global_step)
+            tails = analyse_tails(drawn.values.numpy(), self.method, self.num_samples, self.seed + trainer.global_step)
         except ValueError as exc:
-            self._skip(trainer, pl_module, step, "fit", f"tail fit of the nonzero entries failed ({exc})")
-            return metrics, samples, None
+            msg = f"tail fit of the nonzero entries failed ({exc}; {drawn.draws} of {drawn.total} entries read)"
+            self._skip(trainer, pl_module, step, "fit", msg)
+            return metrics, drawn.values, None
         fitted = {
             f"{tag}alpha": tails.fit.alpha,
             f"{tag}alpha_stderr": tails.fit.alpha_stderr,
@@ -388,35 +419,25 @@ class GradientTailFitter(Callback):
         }
         if not plumb.is_finite(*fitted.values()):
             self._skip(trainer, pl_module, step, "non-finite-fit", f"non-finite tail fit {fitted}")
-            return metrics, samples, None
-        return metrics | fitted, samples, tails
+            return metrics, drawn.values, None
+        return metrics | fitted, drawn.values, tails
 
-    def _layer_fits(
-        self,
-        trainer: Trainer,
-        sources: dict[str, Source],
-        counts: dict[str, int],
-        generator: torch.Generator,
-        loss_scale: float,
-    ) -> dict[str, float]:
-        """alpha, its standard error and the zero fraction of each layer whose gradient is finite."""
+    def _layer_fits(self, trainer: Trainer, sources: dict[str, Source], generator: torch.Generator, loss_scale: float) -> dict[str, float]:
+        """alpha, zero fraction and their standard errors for each layer whose gradient is finite."""
         grads = {n: g for n, (g, _) in sources.items()}
         out: dict[str, float] = {}
         for layer, names in self._layers(list(sources), grads).items():
-            total = sum(grads[n].numel() for n in names)
-            out[f"grad_tail/{layer}/zero_fraction"] = 1.0 - sum(counts[n] for n in names) / total
-            values = sample_nonzero_entries(
-                [sources[n] for n in names], [counts[n] for n in names], self.num_samples, generator, loss_scale
-            ).numpy()
+            drawn = self._draw([sources[n] for n in names], generator, loss_scale)
+            out[f"grad_tail/{layer}/zero_fraction"] = drawn.zero_fraction
+            out[f"grad_tail/{layer}/zero_fraction_stderr"] = drawn.zero_fraction_stderr
             try:
-                fit = fit_symmetric_stable(values, self.method, self.num_samples, self.seed + trainer.global_step)
+                fit = fit_symmetric_stable(drawn.values.numpy(), self.method, self.num_samples, self.seed + trainer.global_step)
             except ValueError as exc:
-                msg = f"tail fit of layer {layer!r} failed at step {trainer.global_step} ({exc})"
+                msg = f"tail fit of layer {layer!r} failed at step {trainer.global_step} ({exc}; {drawn.draws} of {drawn.total} entries read)"
                 self._warn_layer(f"layer:{layer}", msg)
                 continue
             if not plumb.is_finite(fit.alpha, fit.alpha_stderr):
-                msg = f"non-finite tail fit of layer {layer!r} at step {trainer.global_step} ({fit})"
-                self._warn_layer(f"layer:{layer}", msg)
+                self._warn_layer(f"layer:{layer}", f"non-finite tail fit of layer {layer!r} at step {trainer.global_step} ({fit})")
                 continue
             out[f"grad_tail/{layer}/alpha"] = fit.alpha
             out[f"grad_tail/{layer}/alpha_stderr"] = fit.alpha_stderr

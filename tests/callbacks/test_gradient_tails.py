@@ -22,7 +22,7 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from chaos_callbacks.callbacks.gradient_tails import GradientTailFitter, layer_name, nonzero_counts, sample_nonzero_entries, uniform_subset
+from chaos_callbacks.callbacks.gradient_tails import GradientTailFitter, NonzeroSample, layer_name, sample_nonzero_entries, uniform_subset
 from chaos_callbacks.dynamics.tails import mcculloch_alpha_stderr
 from tests.lightning_helpers import assert_identical_runs, fit_snapshot, random_classification, run_ddp, trainer
 
@@ -103,7 +103,8 @@ def median_of(logger: MemoryLogger, key: str) -> float:
     return statistics.median(logger.series(key).values())
 
 
-GLOBAL_TAGS = {"alpha", "alpha_stderr", "scale", "llr_gauss", "vuong_p", "llr_student_t", "vuong_p_student_t", "zero_fraction", "skipped"}
+GLOBAL_TAGS = {"alpha", "alpha_stderr", "scale", "llr_gauss", "vuong_p", "llr_student_t", "vuong_p_student_t", "zero_fraction", "zero_fraction_stderr", "skipped"}
+LAYER_QUANTITIES = ("alpha", "alpha_stderr", "zero_fraction", "zero_fraction_stderr")
 
 
 def layer_tags(logger: MemoryLogger) -> set[str]:
@@ -115,7 +116,7 @@ def layer_tags(logger: MemoryLogger) -> set[str]:
 # sampling
 # --------------------------------------------------------------------------------------------
 def sample_entries(sources, k, generator, grad_scale=1.0):
-    return sample_nonzero_entries(sources, nonzero_counts(sources, grad_scale), k, generator, grad_scale)
+    return sample_nonzero_entries(sources, k, generator, grad_scale).values
 
 
 def test_sampling_is_uniform_without_replacement_and_seeded():
@@ -125,10 +126,10 @@ def test_sampling_is_uniform_without_replacement_and_seeded():
     # entries of two tensors holding their own global index + 1: 30000 + 10000 entries, none zero
     values = torch.arange(1, 40_001, dtype=torch.float32)
     sources = [(values[:30_000].reshape(100, 300), None), (values[30_000:], None)]
-    assert nonzero_counts(sources) == [30_000, 10_000]
-    draws = sample_entries(sources, 5000, torch.Generator().manual_seed(3))
-    again = sample_entries(sources, 5000, torch.Generator().manual_seed(3))
-    assert torch.equal(draws, again) and draws.dtype == torch.float64
+    drawn = sample_nonzero_entries(sources, 5000, torch.Generator().manual_seed(3))
+    assert (drawn.draws, drawn.zeros, drawn.total, drawn.zero_fraction) == (5000 * 5 // 4 + 64, 0, 40_000, 0.0)
+    draws = drawn.values
+    assert torch.equal(draws, sample_entries(sources, 5000, torch.Generator().manual_seed(3))) and draws.dtype == torch.float64
     assert draws.unique().numel() == 5000
     # uniform over all 40000 entries: 3/4 from the first tensor, mean 20000.5 (4 sigma bounds)
     assert abs(float((draws <= 30_000).double().mean()) - 0.75) < 4 * math.sqrt(0.75 * 0.25 / 5000)
@@ -141,30 +142,50 @@ def test_sampling_is_uniform_without_replacement_and_seeded():
     assert sorted(sample_entries([(torch.arange(1.0, 8.0), None)], 50, torch.Generator()).tolist()) == list(range(1, 8))
 
 
+def zero_pattern(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """Entries 1..n (their index + 1) with exactly round(fraction n) of them set to 0 at random places."""
+    values = torch.arange(1, n + 1, dtype=torch.float32)
+    values[torch.from_numpy(np.random.default_rng(seed).permutation(n)[: round(fraction * n)])] = 0.0
+    return values
+
+
 def test_sampling_skips_exact_zeros_uniformly():
-    # 60% of the entries exactly zero, the rest holding their own index: a uniform draw among the
-    # 16000 nonzero entries (mean index and the share of the first tensor known exactly)
-    index = torch.arange(40_000, dtype=torch.float32)
-    keep = index % 5 >= 3
-    values = torch.where(keep, index, torch.zeros(()))
+    # 60% exact zeros in two tensors: a uniform draw among the 16000 nonzero entries
+    values = zero_pattern(40_000, 0.6, seed=0)
     sources = [(values[:30_000].reshape(300, 100), None), (values[30_000:], None)]
-    assert nonzero_counts(sources) == [12_000, 4_000]
-    draws = sample_entries(sources, 5000, torch.Generator().manual_seed(4))
-    assert draws.numel() == 5000 == draws.unique().numel()
-    assert bool((draws != 0).all()) and bool((draws % 5 >= 3).all())
-    nonzero = index[keep].double()
-    assert abs(float(draws.mean()) - float(nonzero.mean())) < 4 * float(nonzero.std()) / math.sqrt(5000)
-    assert abs(float((draws < 30_000).double().mean()) - 0.75) < 4 * math.sqrt(0.75 * 0.25 / 5000)
-    # fewer nonzero entries than asked: all of them, once
-    assert sorted(sample_entries([(values[:100], None)], 5000, torch.Generator()).tolist()) == values[:100][keep[:100]].tolist()
+    drawn = sample_nonzero_entries(sources, 5000, torch.Generator().manual_seed(4))
+    assert drawn.values.numel() == 5000 == drawn.values.unique().numel() and bool((drawn.values != 0).all())
+    nonzero = values[values != 0].double()
+    assert abs(float(drawn.values.mean()) - float(nonzero.mean())) < 4 * float(nonzero.std()) / math.sqrt(5000)
+    share = float((nonzero <= 30_000).double().mean())
+    assert abs(float((drawn.values <= 30_000).double().mean()) - share) < 4 * math.sqrt(share * (1 - share) / 5000)
     # noise target: an entry is zero when g equals its running mean (a unit whose gradient is always 0)
-    mean = torch.where(index % 2 == 0, values, torch.full((), 7.0))
-    counts = nonzero_counts([(values, mean)])
-    assert counts == [int(((values != mean)).sum())]
-    noise = sample_nonzero_entries([(values, mean)], counts, 5000, torch.Generator().manual_seed(5))
-    assert bool((noise != 0).all()) and noise.numel() == 5000
-    # all zero: nothing to draw
-    assert sample_entries([(torch.zeros(100), None)], 50, torch.Generator()).numel() == 0
+    mean = torch.where(torch.arange(40_000) % 2 == 0, values, torch.full((), 7.0))
+    noise = sample_nonzero_entries([(values, mean)], 5000, torch.Generator().manual_seed(5))
+    assert bool((noise.values != 0).all()) and noise.values.numel() == 5000
+    assert set(noise.values.tolist()) <= set((values - mean)[values != mean].tolist())
+    # every entry read: the count is exact, with standard error 0
+    small = sample_nonzero_entries([(values[:1000], None)], 5000, torch.Generator())
+    assert small.draws == 1000 and small.zero_fraction == float((values[:1000] == 0).double().mean()) and small.zero_fraction_stderr == 0.0
+    assert sorted(small.values.tolist()) == sorted(values[:1000][values[:1000] != 0].tolist())
+    # all zero: nothing to draw; every entry read, zero fraction exactly 1
+    empty = sample_nonzero_entries([(torch.zeros(100), None)], 50, torch.Generator())
+    assert empty.values.numel() == 0 and empty.zero_fraction == 1.0 and empty.zero_fraction_stderr == 0.0
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.63, 0.97])
+def test_zero_fraction_is_unbiased_with_its_stderr(fraction):
+    # 10^6 entries, 100 seeds: the estimate averages to the exact fraction and its standard error
+    # matches the spread over seeds; at 97% zeros the 20 k cap on the draw leaves ~3000 of 5000
+    values = zero_pattern(10**6, fraction, seed=1)
+    draws = [sample_nonzero_entries([(values, None)], 5000, torch.Generator().manual_seed(s), max_draws=100_000) for s in range(100)]
+    estimates = np.array([d.zero_fraction for d in draws])
+    stderr = float(np.mean([d.zero_fraction_stderr for d in draws]))
+    assert abs(estimates.mean() - fraction) < 4 * estimates.std(ddof=1) / math.sqrt(100)
+    assert 1 / 1.5 < stderr / estimates.std(ddof=1) < 1.5
+    assert all(d.draws <= 100_000 for d in draws)
+    found = [d.values.numel() for d in draws]
+    assert min(found) == 5000 if fraction < 0.95 else 2000 < statistics.mean(found) < 5000
 
 
 def test_layer_names_are_module_paths():
@@ -194,6 +215,7 @@ def test_recovers_known_alpha_of_the_gradient(alpha):
     for step, a in log.series("grad_tail/alpha").items():
         assert log.series("grad_tail/alpha_stderr")[step] == pytest.approx(mcculloch_alpha_stderr(a, 5000), rel=1e-12)
     assert set(log.series("grad_tail/zero_fraction").values()) == {0.0}
+    assert all(0 < e < 1e-3 for e in log.series("grad_tail/zero_fraction_stderr").values())
     assert not any(k.endswith("hill") for _, m in log.rows for k in m)
 
 
@@ -225,7 +247,7 @@ def test_per_layer_alphas_named_by_module_path():
     sizes = (DIM, DIM, 30)
     xi = torch.cat([stable_rows(1.2, 3, seed=1), stable_rows(1.8, 3, seed=2), stable_rows(1.5, 3, 30, seed=3)], dim=1)
     log = fit_stable(xi, GradientTailFitter(every_n_steps=1), sizes=sizes)
-    assert layer_tags(log) == {f"grad_tail/blocks.{i}/{q}" for i in (0, 1) for q in ("alpha", "alpha_stderr", "zero_fraction")}
+    assert layer_tags(log) == {f"grad_tail/blocks.{i}/{q}" for i in (0, 1) for q in LAYER_QUANTITIES}
     assert median_of(log, "grad_tail/blocks.0/alpha") == pytest.approx(1.2, abs=0.05)
     assert median_of(log, "grad_tail/blocks.1/alpha") == pytest.approx(1.8, abs=0.05)
     assert median_of(log, "grad_tail/blocks.1/alpha_stderr") == pytest.approx(mcculloch_alpha_stderr(1.8, 5000), rel=0.1)
@@ -332,7 +354,7 @@ def test_tensorboard_scalars_histogram_and_figure(tmp_path):
     t.fit(StableGradModule((DIM, 500)), DataLoader(TensorDataset(stable_rows(1.5, 7, DIM + 500)), batch_size=1))
     acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"images": 10, "histograms": 10})
     acc.Reload()
-    tags = [f"grad_tail/{q}" for q in GLOBAL_TAGS - {"skipped"}] + [f"grad_tail/blocks.{i}/{q}" for i in (0, 1) for q in ("alpha", "alpha_stderr", "zero_fraction")]
+    tags = [f"grad_tail/{q}" for q in GLOBAL_TAGS - {"skipped"}] + [f"grad_tail/blocks.{i}/{q}" for i in (0, 1) for q in LAYER_QUANTITIES]
     for tag in tags:
         assert [e.step for e in acc.Scalars(tag)] == [0, 3, 6], tag
     assert [e.step for e in acc.Histograms("grad_tail/samples")] == [0, 3, 6]
@@ -355,9 +377,9 @@ def _constant(w, xi):
 @pytest.mark.parametrize(
     ("loss", "message", "estimate"),
     [
-        (_zero, "need at least 50 finite samples, got 0", {"grad_tail/zero_fraction": 1.0}),
+        (_zero, "need at least 50 finite samples, got 0", {"grad_tail/zero_fraction": 1.0, "grad_tail/zero_fraction_stderr": 0.0}),
         (_nan, "non-finite", {}),
-        (_constant, "all finite samples are equal", {"grad_tail/zero_fraction": 0.0}),
+        (_constant, "all finite samples are equal", {"grad_tail/zero_fraction": 0.0, "grad_tail/zero_fraction_stderr": 0.0}),
     ],
 )
 def test_degenerate_gradients_are_skipped_with_one_warning(loss, message, estimate):
@@ -379,11 +401,12 @@ def test_degenerate_gradients_are_skipped_with_one_warning(loss, message, estima
 
 
 def with_zeros(x: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """``x`` with exactly ``round(fraction * columns)`` entries of every row set to 0 (random places)."""
-    g = torch.Generator().manual_seed(seed)
+    """``x`` with exactly ``round(fraction * columns)`` entries of every row set to 0 (random places,
+    from numpy's generator: the fitter draws with torch generators seeded by the step)."""
+    rng = np.random.default_rng(seed)
     out = x.clone()
     for row in out:
-        row[torch.randperm(row.numel(), generator=g)[: round(fraction * row.numel())]] = 0.0
+        row[torch.from_numpy(rng.permutation(row.numel())[: round(fraction * row.numel())])] = 0.0
     return out
 
 
@@ -395,8 +418,9 @@ def test_exact_zeros_are_left_out_and_counted(alpha):
     xi = with_zeros(stable_rows(alpha, rows=rows, seed=int(alpha * 10)), 0.6, seed=1)
     log = fit_stable(xi, GradientTailFitter(every_n_steps=1))
     assert sorted(log.series("grad_tail/alpha")) == list(range(rows))
-    assert set(log.series("grad_tail/zero_fraction").values()) == {0.6}  # exact count
-    assert set(log.series("grad_tail/blocks.0/zero_fraction").values()) == {0.6}
+    for tag in ("grad_tail/zero_fraction", "grad_tail/blocks.0/zero_fraction"):  # estimated from ~15000 draws
+        for step, estimate in log.series(tag).items():
+            assert abs(estimate - 0.6) < 4 * log.series(f"{tag}_stderr")[step] and log.series(f"{tag}_stderr")[step] < 0.003
     for tag in ("grad_tail/alpha", "grad_tail/blocks.0/alpha"):
         # unbiased within 3 standard errors of the mean of 8 independent fits
         stderr = statistics.mean(log.series(f"{tag}_stderr").values()) / math.sqrt(rows)
@@ -417,8 +441,10 @@ def test_all_zero_layer_is_skipped_alone():
         log = fit_stable(xi, fitter, sizes=(DIM, DIM))
     ours = [str(w.message) for w in caught if "GradientTailFitter" in str(w.message)]
     assert len(ours) == 1 and "'blocks.1'" in ours[0], ours
-    assert set(log.series("grad_tail/zero_fraction").values()) == {0.5}
-    assert set(log.series("grad_tail/blocks.1/zero_fraction").values()) == {1.0}
+    for step, estimate in log.series("grad_tail/zero_fraction").items():
+        assert abs(estimate - 0.5) < 4 * log.series("grad_tail/zero_fraction_stderr")[step]
+    assert set(log.series("grad_tail/blocks.1/zero_fraction").values()) == {1.0}  # every entry read: exact
+    assert set(log.series("grad_tail/blocks.1/zero_fraction_stderr").values()) == {0.0}
     assert "grad_tail/blocks.1/alpha" not in {k for _, m in log.rows for k in m}
     assert median_of(log, "grad_tail/blocks.0/alpha") == pytest.approx(1.3, abs=0.05)
     assert median_of(log, "grad_tail/alpha") == pytest.approx(1.3, abs=0.05)  # the zeros are left out
