@@ -484,6 +484,11 @@ class GradientTailFitter(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._ema = dict(state_dict["ema"])
-        self._optimizer_steps = dict(state_dict["optimizer_steps"])
-        self._num_estimates = dict(state_dict["num_estimates"])
         self._warn.count = state_dict["skipped"]
+        if "optimizer_steps" in state_dict:
+            self._optimizer_steps = dict(state_dict["optimizer_steps"])
+            self._num_estimates = dict(state_dict["num_estimates"])
+        else:  # a checkpoint of the single-optimizer version: the last global step fitted or EMA-updated
+            last_step = state_dict["last_step"]
+            self._optimizer_steps = {0: last_step + 1} if last_step >= 0 else {}
+            self._num_estimates = {0: state_dict["num_estimates"]}

@@ -599,6 +599,29 @@ def test_resume_continues_as_if_never_interrupted(tmp_path):
     assert fitter.state_dict()["num_estimates"] == {0: len(full)}
 
 
+def test_checkpoint_of_the_single_optimizer_version_loads():
+    fitter = GradientTailFitter()
+    fitter.load_state_dict({"ema": {}, "last_step": 7, "num_estimates": 3, "skipped": 1})
+    assert fitter.state_dict() == {"ema": {}, "optimizer_steps": {0: 8}, "num_estimates": {0: 3}, "skipped": 1}
+
+
+def test_unexpected_errors_are_contained(monkeypatch):
+    """An exception inside the hook warns once, counts as skipped, and training goes on."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("chaos_callbacks.callbacks.gradient_tails.analyse_tails", broken)
+    fitter = GradientTailFitter(every_n_steps=1, per_layer=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log = fit_stable(stable_rows(1.5, rows=3, seed=3), fitter)
+    ours = [str(w.message) for w in caught if "GradientTailFitter" in str(w.message)]
+    assert len(ours) == 1 and "RuntimeError: boom" in ours[0], ours
+    assert log.series("grad_tail/skipped") == {0: 1.0, 1: 2.0, 2: 3.0}
+    assert "grad_tail/alpha" not in {k for _, m in log.rows for k in m}
+
+
 def test_state_keys_distinguish_instances():
     assert GradientTailFitter().state_key != GradientTailFitter(target="noise").state_key
 
