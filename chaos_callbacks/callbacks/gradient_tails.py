@@ -161,8 +161,9 @@ class GradientTailFitter(Callback):
     alpha-stable with infinite variance, or a finite-variance heavy tail?). With ``per_layer=True``
     alpha is also fitted per layer, independently of the global fit (a skipped global fit does not
     stop them): a layer is the module that directly owns the parameters — ``net.0.weight`` and
-    ``net.0.bias`` pool into ``net.0`` — and gets its own draw of nonzero entries. Layers with fewer than 50 entries are left out; a layer that cannot be fitted (e.g.
-    an all-zero gradient) is skipped alone, with one warning per layer.
+    ``net.0.bias`` pool into ``net.0`` — and gets its own draw of nonzero entries. Layers with
+    fewer than 50 entries are left out; a layer that cannot be fitted (e.g. an all-zero gradient)
+    is skipped alone, with one warning per layer.
 
     Several optimizers (manual optimization, e.g. a GAN whose generator and discriminator each
     call ``opt.step()`` in ``training_step``): each optimizer's own parameters are fitted at its
@@ -433,8 +434,8 @@ class GradientTailFitter(Callback):
             try:
                 fit = fit_symmetric_stable(drawn.values.numpy(), self.method, self.num_samples, self.seed + trainer.global_step)
             except ValueError as exc:
-                msg = f"tail fit of layer {layer!r} failed at step {trainer.global_step} ({exc}; {drawn.draws} of {drawn.total} entries read)"
-                self._warn_layer(f"layer:{layer}", msg)
+                read = f"{drawn.draws} of {drawn.total} entries read"
+                self._warn_layer(f"layer:{layer}", f"tail fit of layer {layer!r} failed at step {trainer.global_step} ({exc}; {read})")
                 continue
             if not plumb.is_finite(fit.alpha, fit.alpha_stderr):
                 self._warn_layer(f"layer:{layer}", f"non-finite tail fit of layer {layer!r} at step {trainer.global_step} ({fit})")
