@@ -1,9 +1,12 @@
 """Symmetric alpha-stable fits: chaos_callbacks.dynamics.tails vs scipy.stats.levy_stable.fit.
 
 For each alpha, draws n samples of S(alpha, 0, scale, 0) (scipy's sampler, fixed seed) and times
-  * our McCulloch quantile fit on all n samples (median of --repeats runs),
+  * our McCulloch quantile fit on all n samples (median of --repeats runs), with its reported
+    standard error of alpha (delta method),
   * our maximum-likelihood fit on all n samples (median of --mle-repeats runs, each from a cold
-    density-table cache, so table construction is included),
+    density-table cache, so table construction is included), with its standard error (observed
+    information),
+  * our maximum-likelihood Student t fit (the finite-variance alternative of the Vuong test),
   * scipy.stats.levy_stable.fit with beta fixed at 0 on the first --scipy-n samples (one run in a
     worker process, abandoned after --scipy-timeout seconds; --skip-scipy leaves it out),
 and prints |alpha_hat - alpha| of each, our MLE's error on the same --scipy-n subsample, and the
@@ -71,7 +74,7 @@ def main() -> None:
 
     clear_tables = tails._log_density_table.cache_clear
     header = (
-        f"{'alpha':>5} | {'quant ms':>8} {'|err|':>6} | {'mle ms':>7} {'|err|':>6} | "
+        f"{'alpha':>5} | {'quant ms':>8} {'|err|':>6} {'stderr':>6} | {'mle ms':>7} {'|err|':>6} {'stderr':>6} | {'t fit ms':>8} | "
         f"{'scipy n':>7} {'scipy s':>8} {'|err|':>6} {'mle@n |err|':>11} | "
         f"{'scipy/quant':>11} {'scipy/mle':>9}"
     )
@@ -86,9 +89,10 @@ def main() -> None:
         t_mle = median_seconds(
             lambda: tails.fit_symmetric_stable(x, method="mle"), args.mle_repeats, clear_tables
         )
+        t_student = median_seconds(lambda: tails.fit_student_t(x), args.repeats, int)
         row = (
-            f"{alpha:5.2f} | {t_quantile * 1e3:8.3f} {abs(quantile.alpha - alpha):6.3f} | "
-            f"{t_mle * 1e3:7.1f} {abs(mle.alpha - alpha):6.3f} | "
+            f"{alpha:5.2f} | {t_quantile * 1e3:8.3f} {abs(quantile.alpha - alpha):6.3f} {quantile.alpha_stderr:6.3f} | "
+            f"{t_mle * 1e3:7.1f} {abs(mle.alpha - alpha):6.3f} {mle.alpha_stderr:6.3f} | {t_student * 1e3:8.2f} | "
         )
         subsample = x[: args.scipy_n]
         mle_sub = tails.fit_symmetric_stable(subsample, method="mle")

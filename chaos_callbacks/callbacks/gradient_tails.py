@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import re
+import functools
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -11,12 +13,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from chaos_callbacks.callbacks import _plumbing as plumb
-from chaos_callbacks.dynamics.tails import MIN_SAMPLES, analyse_tails, fit_symmetric_stable
+from chaos_callbacks.callbacks._validation import check_bool, check_choice, check_float, check_int, check_regex
+from chaos_callbacks.dynamics.tails import MIN_SAMPLES, TailSummary, analyse_tails, fit_symmetric_stable
 
 Target = Literal["gradient", "noise"]
 Method = Literal["quantile", "mle"]
 # A source of entries: the gradient of one parameter and, for target="noise", its EMA mean.
 Source = tuple[Tensor, Tensor | None]
+_OWNER = "GradientTailFitter"
 
 
 def layer_name(param_name: str) -> str:
@@ -43,28 +47,88 @@ def uniform_subset(total: int, k: int, generator: torch.Generator) -> Tensor:
     return distinct[torch.randperm(distinct.numel(), generator=generator)[:k]]
 
 
-def sample_entries(sources: Sequence[Source], k: int, generator: torch.Generator, grad_scale: float = 1.0) -> Tensor:
-    """``min(k, n)`` entries drawn uniformly without replacement from the ``n`` entries of ``sources``.
+_PILOT_DRAWS = (5, 4, 64)  # first draw: k * 5/4 + 64 entries (enough when under ~15% are zero)
+_REDRAW_MARGIN = 1.2  # second draw: 1.2 k / (nonzero rate of the first) entries
+MAX_DRAWS_PER_SAMPLE = 20  # at most 20 k entries read: zero fractions up to ~95% still give k nonzero entries
 
-    An entry is ``g[i] / grad_scale`` or, when the source carries a mean ``m``,
-    ``g[i] / grad_scale - m[i]``; only the sampled entries are read (no O(n) copy). Returns a
-    float64 CPU tensor; ``.grad`` is never written.
+
+@dataclass(frozen=True)
+class NonzeroSample:
+    """Nonzero entries drawn uniformly without replacement, and the zero count of the draw.
+
+    ``values``: at most k nonzero entries (float64, CPU); ``draws``: entries read, a uniform
+    ``draws``-subset of all ``total`` entries; ``zeros``: exact zeros among them.
     """
+
+    values: Tensor
+    draws: int
+    zeros: int
+    total: int
+
+    @property
+    def zero_fraction(self) -> float:
+        """zeros / draws: unbiased for the fraction of exactly-zero entries (exact when draws = total)."""
+        return self.zeros / self.draws
+
+    @property
+    def zero_fraction_stderr(self) -> float:
+        """Standard error of ``zero_fraction``: sampling without replacement, Agresti-Coull adjusted,
+        sqrt(p (1 - p) / (m + 4) (1 - m / total)) with p = (zeros + 2) / (m + 4), m = draws; 0 when
+        every entry was read, never 0 otherwise (also when all or none of the draws are zero)."""
+        p = (self.zeros + 2) / (self.draws + 4)
+        return math.sqrt(p * (1 - p) / (self.draws + 4) * (1 - self.draws / self.total))
+
+
+def _read_entries(sources: Sequence[Source], index: Tensor, grad_scale: float) -> Tensor:
+    """Entries at the flat ``index`` of the concatenated sources, in ``index`` order (float64, CPU)."""
     sizes = torch.tensor([g.numel() for g, _ in sources])
     ends = sizes.cumsum(0)
-    total = int(ends[-1])
-    index = uniform_subset(total, min(k, total), generator)
     owner = torch.searchsorted(ends, index, right=True)
     local = index - (ends - sizes)[owner]
-    pieces = []
+    out = torch.empty(index.numel(), dtype=torch.float64)
     for i in torch.bincount(owner, minlength=len(sources)).nonzero().flatten().tolist():
         grad, mean = sources[i]
-        at = local[owner == i].to(grad.device)
+        mine = owner == i
+        at = local[mine].to(grad.device)
         values = grad.reshape(-1)[at].double() / grad_scale
         if mean is not None:
             values = values - mean.reshape(-1)[at].double()
-        pieces.append(values.cpu())
-    return torch.cat(pieces)
+        out[mine] = values.cpu()
+    return out
+
+
+def sample_nonzero_entries(
+    sources: Sequence[Source], k: int, generator: torch.Generator, grad_scale: float = 1.0, max_draws: int | None = None
+) -> NonzeroSample:
+    """Up to ``k`` entries drawn uniformly without replacement among the entries of ``sources`` that are not 0.
+
+    An entry is ``g[i] / grad_scale`` or, when the source carries a mean ``m``,
+    ``g[i] / grad_scale - m[i]``. Rejection sampling, reading only the drawn entries (no O(n)
+    pass): a uniform m-subset of all n entries (``uniform_subset``, in random order) is read; its
+    nonzero members are a uniform subset of the nonzero entries given their number, and the first
+    k of them in draw order a uniform k-subset. m = 5k/4 + 64 first; if that yields fewer than k
+    nonzero entries, a fresh draw of m = 1.2 k / (nonzero rate of the first) + 64 replaces it
+    (independent of the first given m, so ``zeros / draws`` stays unbiased). m never exceeds
+    ``max_draws`` (default: all n); with fewer than k nonzero entries found, all are returned.
+    ``.grad`` is never written.
+    """
+    total = sum(g.numel() for g, _ in sources)
+    limit = total if max_draws is None else min(total, max_draws)
+    numerator, denominator, extra = _PILOT_DRAWS
+    draws = min(limit, k * numerator // denominator + extra)
+    values = _read_entries(sources, uniform_subset(total, draws, generator), grad_scale)
+    found = int(torch.count_nonzero(values))
+    if found < k and draws < limit:
+        draws = min(limit, math.ceil(_REDRAW_MARGIN * k * draws / max(found, 1)) + extra)
+        values = _read_entries(sources, uniform_subset(total, draws, generator), grad_scale)
+    nonzero = values[values != 0]
+    return NonzeroSample(values=nonzero[:k], draws=draws, zeros=draws - nonzero.numel(), total=total)
+
+
+def _logger_step(trainer: Trainer) -> int:
+    """The step Lightning's loggers give the user's own metrics: one per batch that stepped,
+    whatever the number of optimizers (``trainer.global_step`` counts every ``optimizer.step()``)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 class GradientTailFitter(Callback):
@@ -77,18 +141,36 @@ class GradientTailFitter(Callback):
     Şimşekli, Sagun & Gürbüzbalaban, "A tail-index analysis of stochastic gradient noise in deep
     neural networks" (ICML 2019, arXiv 1901.06053), study the noise ``g_t - E[g]`` instead.
 
-    Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (after the backward
-    passes of all accumulated batches; under DDP after the gradient all-reduce, so every rank fits
-    the same numbers without any collective; before gradient clipping), ``num_samples`` entries are
-    drawn uniformly without replacement over all entries of all trainable parameters that have a
-    (dense) ``.grad``, with a ``torch.Generator`` seeded by ``seed + global_step`` (same indices on
-    every rank, never the global RNG). ``.grad`` is only read. The sample is analysed by
+    Every ``every_n_steps`` steps of an optimizer, in ``on_before_optimizer_step`` (after the
+    backward passes of all accumulated batches; under DDP after the gradient all-reduce, so every
+    rank fits the same numbers without any collective; before gradient clipping), ``num_samples``
+    entries are drawn uniformly without replacement among the entries that are not exactly zero,
+    over all parameters of that optimizer that have a (dense) ``.grad``, with a ``torch.Generator``
+    seeded by ``seed + global_step`` (same indices on every rank, never the global RNG). ``.grad``
+    is only read, and only at the drawn entries. Exact zeros (dead ReLU units, feature maps of size
+    1, embedding rows absent from the batch: 63% of a ResNet-18's gradient at 32×32 pixels) are an
+    atom, not part of a tail: they are left out of every fit, so alpha describes the nonzero
+    entries, and counted among the entries read (``sample_nonzero_entries``: rejection sampling
+    over a uniform draw of at most 20 ``num_samples`` entries, no pass over all parameters), which
+    gives ``grad_tail/zero_fraction``, an unbiased estimate, exact when every entry was read, with
+    ``grad_tail/zero_fraction_stderr``. Above ~95% zeros fewer than ``num_samples`` nonzero entries
+    may be found; fits of fewer than 50 are skipped. The sample is analysed by
     ``chaos_callbacks.dynamics.tails.analyse_tails``: stable fit (McCulloch's quantile estimator or
-    maximum likelihood), Hill tail index of |g| (top sqrt(n) order statistics by default), mean
-    log-likelihood ratio stable vs the Gaussian MLE and the Vuong p-value. With ``per_layer=True``
-    the same is done (alpha only) for each layer: a layer is the module that directly owns the
-    parameters — ``net.0.weight`` and ``net.0.bias`` pool into ``net.0`` — and gets its own
-    ``min(num_samples, layer size)`` entries. Layers with fewer than 50 entries are left out.
+    maximum likelihood) with the standard error of alpha, and Vuong tests of the stable law against
+    the Gaussian MLE (is the gradient heavy-tailed at all?) and against an ML Student t (is it
+    alpha-stable with infinite variance, or a finite-variance heavy tail?). With ``per_layer=True``
+    alpha is also fitted per layer, independently of the global fit (a skipped global fit does not
+    stop them): a layer is the module that directly owns the parameters — ``net.0.weight`` and
+    ``net.0.bias`` pool into ``net.0`` — and gets its own draw of nonzero entries. Layers with
+    fewer than 50 entries are left out; a layer that cannot be fitted (e.g. an all-zero gradient)
+    is skipped alone, with one warning per layer.
+
+    Several optimizers (manual optimization, e.g. a GAN whose generator and discriminator each
+    call ``opt.step()`` in ``training_step``): each optimizer's own parameters are fitted at its
+    own due steps (``every_n_steps`` of its own step count, which the fitter keeps and
+    checkpoints), and the global tags gain the part ``optimizer_<i>`` (index in
+    ``configure_optimizers`` order): ``grad_tail/optimizer_0/alpha``, ``grad_tail/optimizer_1/vuong_p``.
+    Per-layer tags need no such part (a layer belongs to one optimizer).
 
     ``target="noise"`` fits ``g_t - m_{t-1}`` where ``m`` is an exponential moving average of
     the gradients of the preceding steps, ``m_t = β m_{t-1} + (1 - β) g_t`` with ``m_0 = g_0``
@@ -98,43 +180,51 @@ class GradientTailFitter(Callback):
     alpha-stable with the same alpha (its weights sum to one, so the mean cancels exactly). Larger
     β averages more minibatches but lags a drifting mean by about β/(1-β) steps. The first
     fit needs at least one earlier gradient; until then scheduled fits are silently not made.
+    Exact zeros are then the entries with ``g_t = m_{t-1}`` (units whose gradient is always 0).
 
     Mixed precision (Lightning 2.6, ``lightning/pytorch/plugins/precision/amp.py``): under
     ``16-mixed`` the ``GradScaler`` unscales the gradients after the closure and *before*
     ``on_before_optimizer_step``, so the fitted gradient is the true one. Optimizers that unscale
     inside ``step`` (``_step_supports_amp_scaling``, e.g. ``fused=True``) still hold scaled
     gradients at this hook; their sampled entries are divided by ``scaler.get_scale()``. An
-    overflow step (inf/NaN gradient, which the scaler skips) is skipped here too, with one warning.
-    ``bf16-mixed`` has no scaler; parameters and gradients stay float32. alpha, Hill, the
-    likelihood ratio and the Vuong test are scale invariant; only ``grad_tail/scale`` carries units.
+    overflow step (inf/NaN gradient, which the scaler skips) is skipped here too, with one warning
+    (per-layer fits of the layers whose gradient is finite are still made).
+    ``bf16-mixed`` has no scaler; parameters and gradients stay float32. alpha, the likelihood
+    ratios and the Vuong tests are scale invariant; only ``grad_tail/scale`` carries units.
 
-    Logs at the step of the gradient (``trainer.global_step`` before the update):
-    ``grad_tail/alpha`` (also to the progress bar), ``grad_tail/scale``, ``grad_tail/hill``,
-    ``grad_tail/llr_gauss`` (mean per-entry log-likelihood ratio; > 0 favours the stable law),
-    ``grad_tail/vuong_p`` (two-sided), ``grad_tail/alpha/<layer>``, ``grad_tail/skipped`` (skipped
-    estimates so far: all-zero, constant, non-finite, or over half exactly zero as with dead ReLU
-    units); to TensorBoard also a histogram ``grad_tail/samples`` and, every
-    ``figure_every_n_estimates`` estimates, a figure ``grad_tail/density`` of the empirical density
-    of |g - median| with both fitted densities on log-log axes.
+    Logs at the step Lightning's loggers give the user's metrics of the same batch (the number of
+    batches that stepped; ``trainer.global_step`` before the update when there is one optimizer):
+    ``grad_tail/alpha`` (also to the progress bar) and ``grad_tail/alpha_stderr`` (its standard
+    error as an estimate from the sampled entries: delta method for the quantile estimator,
+    observed information for ``mle``), ``grad_tail/scale``, ``grad_tail/llr_gauss`` and
+    ``grad_tail/vuong_p`` (mean per-entry log-likelihood ratio stable − Gaussian, > 0 favours the
+    stable law, and the two-sided Vuong p-value), ``grad_tail/llr_student_t`` and
+    ``grad_tail/vuong_p_student_t`` (the same against the Student t), ``grad_tail/zero_fraction``
+    and ``grad_tail/zero_fraction_stderr``; per layer ``grad_tail/<layer>/alpha``,
+    ``grad_tail/<layer>/alpha_stderr``, ``grad_tail/<layer>/zero_fraction`` and
+    ``grad_tail/<layer>/zero_fraction_stderr``; ``grad_tail/skipped`` (skipped estimates so far: no
+    gradient, non-finite, fewer than 50 nonzero entries, constant, or failed); to TensorBoard also a
+    histogram ``grad_tail/samples`` and, every ``figure_every_n_estimates`` estimates, a figure
+    ``grad_tail/density`` of the empirical density of |g - median| with the fitted stable and
+    Gaussian densities on log-log axes.
 
     Args:
-        every_n_steps: cadence in optimizer steps (a fit runs when ``global_step`` is a multiple).
-        num_samples: entries per fit (5000 in Chen, Gong et al.), globally and per layer.
+        every_n_steps: cadence in steps of each optimizer (a fit runs when its step count — equal to
+            ``global_step`` with one optimizer — is a multiple).
+        num_samples: nonzero entries per fit (5000 in Chen, Gong et al.), globally and per layer.
         method: ``"quantile"`` (McCulloch 1986, ~0.3 ms per fit of 5000 samples) or ``"mle"``
             (maximum likelihood started at the quantile fit, 50-200 ms per fit, also per layer;
-            see ``benchmarks/bench_grad_tail_overhead.py``). The Vuong test adds 5-10 ms per
-            estimate (a density table for the fitted alpha).
+            see ``benchmarks/bench_grad_tail_overhead.py``). The two Vuong tests add 5-10 ms per
+            estimate (a density table for the fitted alpha, the Student t fit).
         target: ``"gradient"`` (the paper) or ``"noise"`` (gradient minus its running mean).
         ema_decay: β of the running mean for ``target="noise"``, in (0, 1).
         per_layer: also fit alpha per layer.
         layer_filter: regular expression; only layers whose name it matches (``re.search``) are
             fitted per layer.
-        max_layers: at most this many layers (the first in ``named_parameters`` order) are
-            fitted per layer.
-        hill_k: order statistics of the Hill estimator (default ceil(sqrt(n))).
+        max_layers: at most this many layers (the first in parameter order) are fitted per layer.
         figure_every_n_estimates: draw the density figure every this many estimates (0: never);
             only with a TensorBoard logger attached.
-        seed: seed of the entry sampling (and of the ``mle`` subsample).
+        seed: seed (>= 0) of the entry sampling (and of the ``mle`` subsample).
     """
 
     def __init__(
@@ -147,46 +237,25 @@ class GradientTailFitter(Callback):
         per_layer: bool = True,
         layer_filter: str | None = None,
         max_layers: int = 32,
-        hill_k: int | None = None,
         figure_every_n_estimates: int = 10,
         seed: int = 0,
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps}")
-        if num_samples < MIN_SAMPLES:
-            raise ValueError(f"num_samples must be >= {MIN_SAMPLES}, got {num_samples}")
-        if method not in ("quantile", "mle"):
-            raise ValueError(f"method must be 'quantile' or 'mle', got {method!r}")
-        if target not in ("gradient", "noise"):
-            raise ValueError(f"target must be 'gradient' or 'noise', got {target!r}")
-        if not 0 < ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
-        if max_layers < 1:
-            raise ValueError(f"max_layers must be >= 1, got {max_layers}")
-        if hill_k is not None and not 1 <= hill_k < num_samples:
-            raise ValueError(f"hill_k must be None or in [1, num_samples - 1], got {hill_k}")
-        if figure_every_n_estimates < 0:
-            raise ValueError(f"figure_every_n_estimates must be >= 0, got {figure_every_n_estimates}")
-        try:
-            self._layer_pattern = None if layer_filter is None else re.compile(layer_filter)
-        except re.error as exc:
-            raise ValueError(f"layer_filter is not a valid regular expression: {exc}") from exc
-        self.every_n_steps = every_n_steps
-        self.num_samples = num_samples
-        self.method = method
-        self.target = target
-        self.ema_decay = ema_decay
-        self.per_layer = per_layer
+        self.every_n_steps = check_int(_OWNER, "every_n_steps", every_n_steps, minimum=1)
+        self.num_samples = check_int(_OWNER, "num_samples", num_samples, minimum=MIN_SAMPLES)
+        self.method = check_choice(_OWNER, "method", method, ("quantile", "mle"))
+        self.target = check_choice(_OWNER, "target", target, ("gradient", "noise"))
+        self.ema_decay = check_float(_OWNER, "ema_decay", ema_decay, 0.0, 1.0, low_open=True, high_open=True)
+        self.per_layer = check_bool(_OWNER, "per_layer", per_layer)
+        self._layer_pattern = check_regex(_OWNER, "layer_filter", layer_filter)
         self.layer_filter = layer_filter
-        self.max_layers = max_layers
-        self.hill_k = hill_k
-        self.figure_every_n_estimates = figure_every_n_estimates
-        self.seed = seed
-        self._warn = plumb.WarnOnce(type(self).__name__)
-        self._warn_layer = plumb.WarnOnce(type(self).__name__)
+        self.max_layers = check_int(_OWNER, "max_layers", max_layers, minimum=1)
+        self.figure_every_n_estimates = check_int(_OWNER, "figure_every_n_estimates", figure_every_n_estimates, minimum=0)
+        self.seed = check_int(_OWNER, "seed", seed, minimum=0)
+        self._warn = plumb.WarnOnce(_OWNER)
+        self._warn_layer = plumb.WarnOnce(_OWNER)
         self._ema: dict[str, Tensor] = {}
-        self._last_step = -1
-        self._num_estimates = 0
+        self._optimizer_steps: dict[int, int] = {}
+        self._num_estimates: dict[int, int] = {}
         self.last_estimate: dict[str, float] = {}
 
     @property
@@ -196,39 +265,62 @@ class GradientTailFitter(Callback):
         )
 
     # ------------------------------------------------------------------ hook
+    @plumb.contain_failures("grad_tail")
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # a second optimizer stepping in the same global step
-            return
-        self._last_step = step
-        due = step % self.every_n_steps == 0
+        index = self._optimizer_index(trainer, optimizer)
+        due = self._count_step(trainer, index) % self.every_n_steps == 0
         if not (due or self.target == "noise"):
             return
-        grads = self._gradients(pl_module)
+        step = _logger_step(trainer)
+        part = f"optimizer_{index}/" if len(trainer.optimizers) > 1 else ""
+        grads = self._gradients(pl_module, optimizer)
         if not grads:
             if due:
-                self._skip(trainer, pl_module, step, "no-grad", "no trainable parameter has a gradient")
+                self._skip(trainer, pl_module, step, "no-grad", f"optimizer {index} has no parameter with a gradient")
             return
         loss_scale = self._loss_scale(trainer, optimizer)
         # min and max propagate NaN and reach ±inf: one fast reduction per tensor, one sync
-        finite = bool(torch.isfinite(torch.stack([torch.stack(torch.aminmax(g)) for g in grads.values()])).all())
-        if due and not finite:
-            msg = "non-finite (NaN/inf) gradient; under 16-mixed the GradScaler skips this step too"
-            self._skip(trainer, pl_module, step, "non-finite", msg)
-        elif due and (self.target == "gradient" or self._ema):
-            self._estimate(trainer, pl_module, step, grads, loss_scale)
-        if self.target == "noise" and finite:
+        extremes = torch.stack([torch.stack(torch.aminmax(g)).float() for g in grads.values()])
+        finite = dict(zip(grads, torch.isfinite(extremes).all(dim=1).tolist()))
+        if due and (self.target == "gradient" or self._ema):
+            self._estimate(trainer, pl_module, step, part, index, grads, finite, loss_scale)
+        if self.target == "noise" and all(finite.values()):
             self._update_ema(grads, loss_scale)
 
-    # ------------------------------------------------------------------ estimate
+    # ------------------------------------------------------------------ bookkeeping
     @staticmethod
-    def _gradients(pl_module: LightningModule) -> dict[str, Tensor]:
-        """Dense gradients of the trainable parameters, by parameter name (read-only views)."""
-        return {
-            name: p.grad.detach()
-            for name, p in pl_module.named_parameters()
-            if p.requires_grad and p.grad is not None and p.grad.layout == torch.strided and p.numel()
-        }
+    def _optimizer_index(trainer: Trainer, optimizer: Any) -> int:
+        """Position of ``optimizer`` in ``trainer.optimizers`` (0 when it is the only one)."""
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wrapper
+        for i, candidate in enumerate(trainer.optimizers):
+            if candidate is optimizer:
+                return i
+        if len(trainer.optimizers) <= 1:
+            return 0
+        raise RuntimeError("the stepping optimizer is not among trainer.optimizers")
+
+    def _count_step(self, trainer: Trainer, index: int) -> int:
+        """This optimizer's step number (0-based) and advance it.
+
+        A fitter that first sees an optimizer mid-run (attached on resume without saved state)
+        starts from ``global_step`` with one optimizer and from the number of batches otherwise.
+        """
+        count = self._optimizer_steps.get(index)
+        if count is None:
+            count = trainer.global_step if len(trainer.optimizers) <= 1 else _logger_step(trainer)
+        self._optimizer_steps[index] = count + 1
+        return count
+
+    @staticmethod
+    def _gradients(pl_module: LightningModule, optimizer: Any) -> dict[str, Tensor]:
+        """Dense gradients of the optimizer's parameters, by parameter name (read-only views)."""
+        names = {id(p): name for name, p in pl_module.named_parameters()}
+        grads: dict[str, Tensor] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.layout == torch.strided and p.numel():
+                    grads[names.get(id(p), f"param_{len(grads)}")] = p.grad.detach()
+        return grads
 
     @staticmethod
     def _loss_scale(trainer: Trainer, optimizer: Any) -> float:
@@ -238,83 +330,133 @@ class GradientTailFitter(Callback):
             return 1.0
         return float(scaler.get_scale())
 
-    def _sources(self, grads: dict[str, Tensor], names: list[str]) -> list[Source]:
+    def _sources(self, grads: dict[str, Tensor], names: list[str]) -> dict[str, Source]:
         """(gradient, running mean or None) of the parameters in ``names`` that can be sampled."""
         if self.target == "gradient":
-            return [(grads[n], None) for n in names]
-        return [(grads[n], self._ema[n].to(grads[n].device)) for n in names if n in self._ema]
+            return {n: (grads[n], None) for n in names}
+        return {n: (grads[n], self._ema[n].to(grads[n].device)) for n in names if n in self._ema}
 
-    def _layers(self, grads: dict[str, Tensor]) -> dict[str, list[str]]:
+    def _layers(self, names: list[str], grads: dict[str, Tensor]) -> dict[str, list[str]]:
         """Parameter names grouped by layer: filtered, layers under 50 entries dropped, capped."""
         groups: dict[str, list[str]] = {}
-        for name in grads:
+        for name in names:
             groups.setdefault(layer_name(name), []).append(name)
         groups = {
-            layer: names
-            for layer, names in groups.items()
-            if sum(grads[n].numel() for n in names) >= MIN_SAMPLES
+            layer: members
+            for layer, members in groups.items()
+            if sum(grads[n].numel() for n in members) >= MIN_SAMPLES
             and (self._layer_pattern is None or self._layer_pattern.search(layer))
         }
         if len(groups) > self.max_layers:
             self._warn_layer("cap", f"{len(groups)} layers, fitting the first max_layers={self.max_layers} only")
         return dict(list(groups.items())[: self.max_layers])
 
-    def _estimate(self, trainer: Trainer, pl_module: LightningModule, step: int, grads: dict[str, Tensor], loss_scale: float) -> None:
-        generator = torch.Generator().manual_seed(self.seed + step)
+    # ------------------------------------------------------------------ estimate
+    def _estimate(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        step: int,
+        part: str,
+        index: int,
+        grads: dict[str, Tensor],
+        finite: dict[str, bool],
+        loss_scale: float,
+    ) -> None:
+        """Global fit and per-layer fits of one optimizer's gradient, each skipped on its own."""
         sources = self._sources(grads, list(grads))
         if not sources:
             self._skip(trainer, pl_module, step, "no-mean", "no parameter with a gradient has a running mean yet")
             return
-        samples = sample_entries(sources, self.num_samples, generator, loss_scale)
-        try:
-            tails = analyse_tails(samples.numpy(), self.method, self.hill_k, self.num_samples, self.seed + step)
-        except ValueError as exc:
-            self._skip(trainer, pl_module, step, "fit", f"tail fit failed ({exc})")
-            return
-        metrics = {
-            "grad_tail/alpha": tails.alpha,
-            "grad_tail/scale": tails.scale,
-            "grad_tail/hill": tails.hill,
-            "grad_tail/llr_gauss": tails.llr,
-            "grad_tail/vuong_p": tails.p_value,
-        }
-        if not plumb.is_finite(*metrics.values()):
-            self._skip(trainer, pl_module, step, "non-finite-fit", f"non-finite tail fit {metrics}")
-            return
+        generator = torch.Generator().manual_seed(self.seed + trainer.global_step)
+        metrics, samples, tails = self._global_fit(trainer, pl_module, step, part, sources, finite, generator, loss_scale)
         if self.per_layer:
-            metrics.update(self._layer_alphas(grads, step, generator, loss_scale))
-        self._num_estimates += 1
+            usable = {n: source for n, source in sources.items() if finite[n]}
+            metrics.update(self._layer_fits(trainer, usable, generator, loss_scale))
+        if not metrics:
+            return
         self.last_estimate = metrics
-        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=("grad_tail/alpha",))
-        self._log_distribution(trainer, samples, tails.alpha, tails.scale, step)
+        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=(f"grad_tail/{part}alpha",))
+        if tails is not None:
+            self._num_estimates[index] = self._num_estimates.get(index, 0) + 1
+            self._log_distribution(trainer, part, index, samples, tails.fit.alpha, tails.fit.scale, step)
 
-    def _layer_alphas(self, grads: dict[str, Tensor], step: int, generator: torch.Generator, loss_scale: float) -> dict[str, float]:
-        out = {}
-        for layer, names in self._layers(grads).items():
-            sources = self._sources(grads, names)
-            if not sources:  # target="noise": no running mean yet for this layer
-                continue
-            values = sample_entries(sources, self.num_samples, generator, loss_scale).numpy()
+    def _draw(self, sources: list[Source], generator: torch.Generator, loss_scale: float) -> NonzeroSample:
+        return sample_nonzero_entries(sources, self.num_samples, generator, loss_scale, MAX_DRAWS_PER_SAMPLE * self.num_samples)
+
+    def _global_fit(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        step: int,
+        part: str,
+        sources: dict[str, Source],
+        finite: dict[str, bool],
+        generator: torch.Generator,
+        loss_scale: float,
+    ) -> tuple[dict[str, float], Tensor, TailSummary | None]:
+        """Tags of the fit of all of the optimizer's entries (only the zero fraction after a failed fit)."""
+        if not all(finite[n] for n in sources):
+            msg = "non-finite (NaN/inf) gradient; under 16-mixed the GradScaler skips this step too"
+            self._skip(trainer, pl_module, step, "non-finite", msg)
+            return {}, torch.empty(0), None
+        tag = f"grad_tail/{part}"
+        drawn = self._draw(list(sources.values()), generator, loss_scale)
+        metrics = {f"{tag}zero_fraction": drawn.zero_fraction, f"{tag}zero_fraction_stderr": drawn.zero_fraction_stderr}
+        try:
+            tails = analyse_tails(drawn.values.numpy(), self.method, self.num_samples, self.seed + trainer.global_step)
+        except ValueError as exc:
+            msg = f"tail fit of the nonzero entries failed ({exc}; {drawn.draws} of {drawn.total} entries read)"
+            self._skip(trainer, pl_module, step, "fit", msg)
+            return metrics, drawn.values, None
+        fitted = {
+            f"{tag}alpha": tails.fit.alpha,
+            f"{tag}alpha_stderr": tails.fit.alpha_stderr,
+            f"{tag}scale": tails.fit.scale,
+            f"{tag}llr_gauss": tails.gaussian.llr,
+            f"{tag}vuong_p": tails.gaussian.p_value,
+            f"{tag}llr_student_t": tails.student_t.llr,
+            f"{tag}vuong_p_student_t": tails.student_t.p_value,
+        }
+        if not plumb.is_finite(*fitted.values()):
+            self._skip(trainer, pl_module, step, "non-finite-fit", f"non-finite tail fit {fitted}")
+            return metrics, drawn.values, None
+        return metrics | fitted, drawn.values, tails
+
+    def _layer_fits(self, trainer: Trainer, sources: dict[str, Source], generator: torch.Generator, loss_scale: float) -> dict[str, float]:
+        """alpha, zero fraction and their standard errors for each layer whose gradient is finite."""
+        grads = {n: g for n, (g, _) in sources.items()}
+        out: dict[str, float] = {}
+        for layer, names in self._layers(list(sources), grads).items():
+            drawn = self._draw([sources[n] for n in names], generator, loss_scale)
+            out[f"grad_tail/{layer}/zero_fraction"] = drawn.zero_fraction
+            out[f"grad_tail/{layer}/zero_fraction_stderr"] = drawn.zero_fraction_stderr
             try:
-                fit = fit_symmetric_stable(values, self.method, self.num_samples, self.seed + step)
+                fit = fit_symmetric_stable(drawn.values.numpy(), self.method, self.num_samples, self.seed + trainer.global_step)
             except ValueError as exc:
-                self._warn_layer(f"layer:{layer}", f"tail fit of layer {layer!r} failed at step {step} ({exc})")
+                read = f"{drawn.draws} of {drawn.total} entries read"
+                self._warn_layer(f"layer:{layer}", f"tail fit of layer {layer!r} failed at step {trainer.global_step} ({exc}; {read})")
                 continue
-            out[f"grad_tail/alpha/{layer}"] = fit.alpha
+            if not plumb.is_finite(fit.alpha, fit.alpha_stderr):
+                self._warn_layer(f"layer:{layer}", f"non-finite tail fit of layer {layer!r} at step {trainer.global_step} ({fit})")
+                continue
+            out[f"grad_tail/{layer}/alpha"] = fit.alpha
+            out[f"grad_tail/{layer}/alpha_stderr"] = fit.alpha_stderr
         return out
 
-    def _log_distribution(self, trainer: Trainer, samples: Tensor, alpha: float, scale: float, step: int) -> None:
+    def _log_distribution(self, trainer: Trainer, part: str, index: int, samples: Tensor, alpha: float, scale: float, step: int) -> None:
         if not plumb.tensorboard_loggers(trainer):
             return
-        plumb.log_histogram(trainer, "grad_tail/samples", samples, step)
-        if self.figure_every_n_estimates and (self._num_estimates - 1) % self.figure_every_n_estimates == 0:
+        plumb.log_histogram(trainer, f"grad_tail/{part}samples", samples, step)
+        if self.figure_every_n_estimates and (self._num_estimates[index] - 1) % self.figure_every_n_estimates == 0:
             from chaos_callbacks.plotting.tails import tail_density_figure
 
-            target = "gradient" if self.target == "gradient" else "gradient noise"
-            plumb.log_figure(trainer, "grad_tail/density", lambda: tail_density_figure(samples.numpy(), alpha, scale, target), step)
+            what = "gradient" if self.target == "gradient" else "gradient noise"
+            figure = functools.partial(tail_density_figure, samples.numpy(), alpha, scale, what)
+            plumb.log_figure(trainer, f"grad_tail/{part}density", figure, step)
 
     def _skip(self, trainer: Trainer, pl_module: LightningModule, step: int, kind: str, message: str) -> None:
-        self._warn(kind, f"gradient tail fit skipped at step {step}: {message}")
+        self._warn(kind, f"gradient tail fit skipped at step {trainer.global_step}: {message}")
         plumb.log_scalars(trainer, pl_module, {"grad_tail/skipped": self._warn.count}, step)
 
     @torch.no_grad()
@@ -336,13 +478,18 @@ class GradientTailFitter(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "ema": {name: mean.cpu() for name, mean in self._ema.items()},
-            "last_step": self._last_step,
-            "num_estimates": self._num_estimates,
+            "optimizer_steps": dict(self._optimizer_steps),
+            "num_estimates": dict(self._num_estimates),
             "skipped": self._warn.count,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._ema = dict(state_dict["ema"])
-        self._last_step = state_dict["last_step"]
-        self._num_estimates = state_dict["num_estimates"]
         self._warn.count = state_dict["skipped"]
+        if "optimizer_steps" in state_dict:
+            self._optimizer_steps = dict(state_dict["optimizer_steps"])
+            self._num_estimates = dict(state_dict["num_estimates"])
+        else:  # a checkpoint of the single-optimizer version: the last global step fitted or EMA-updated
+            last_step = state_dict["last_step"]
+            self._optimizer_steps = {0: last_step + 1} if last_step >= 0 else {}
+            self._num_estimates = {0: state_dict["num_estimates"]}

@@ -1,4 +1,4 @@
-"""Heavy-tail statistics of gradient samples: symmetric alpha-stable fits, Hill, Vuong test.
+"""Heavy-tail statistics of gradient samples: symmetric alpha-stable fits and Vuong tests.
 
 Chen, Gong et al., "Anomalous diffusion dynamics of learning in deep neural networks"
 (arXiv 2009.10588) fit symmetric alpha-stable laws to minibatch-gradient entries and compare them
@@ -13,15 +13,26 @@ alpha = 1 the Cauchy law. Supported alpha: [ALPHA_MIN, ALPHA_MAX] = [0.5, 2].
 Public API
 ----------
 symmetric_stable_logpdf  fast log-density (tabulated Fourier inversion + Pareto tail series)
-fit_symmetric_stable     McCulloch (1986) quantile estimator, or maximum likelihood
-hill_estimator           Hill (1975) tail index of |x|
+fit_symmetric_stable     McCulloch (1986) quantile estimator, or maximum likelihood, with the
+                         standard error of alpha
+student_t_logpdf         log-density of the location-scale Student t law
+fit_student_t            maximum-likelihood Student t (degrees of freedom and scale, loc fixed)
 stable_vs_gaussian       log-likelihood ratio and Vuong (1989) test, stable vs Gaussian
+stable_vs_student_t      the same against a Student t: infinite variance (stable, alpha < 2) or a
+                         heavy but finite-variance tail (t with nu > 2)?
 analyse_tails            all of the above on one sample, with input cleaning
+
+No Hill estimator: on symmetric stable samples of 5000 points its bias with the top sqrt(n) order
+statistics is +0.2 at alpha = 1.7 and +1.1 at alpha = 1.9 (mean over 20 seeds), and neither an adaptive k nor the
+second-order bias corrections (Caeiro, Gomes & Pestana 2005; Beirlant et al. 1999 with rho = -1)
+bring it within 0.1 (the Pareto regime of a stable law with alpha near 2 starts beyond the
+largest few dozen of 5000 points).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -178,17 +189,64 @@ _Q95 = np.array([
 _NU_TABLE = _Q95 / _Q75
 _ALPHA_OF_NU = PchipInterpolator(_NU_TABLE[::-1], _QUANTILE_ALPHAS[::-1])
 _Q75_OF_ALPHA = PchipInterpolator(_QUANTILE_ALPHAS, _Q75)
+_DNU_DALPHA = PchipInterpolator(_QUANTILE_ALPHAS, _NU_TABLE).derivative()
+_QUANTILE_PROBS = np.array([0.05, 0.25, 0.75, 0.95])
+
+
+def _standard_density(x: np.ndarray, alpha: float) -> np.ndarray:
+    """Standard symmetric stable density f(x; alpha) at x >= 0 (alpha = 2: the exact N(0, 2))."""
+    if alpha == ALPHA_MAX:
+        return np.exp(-0.25 * x**2 - _LOG_GAUSS_NORM)
+    return _standard_density_by_quadrature(x, alpha)
+
+
+@lru_cache(maxsize=1)
+def _mcculloch_stderr_curve() -> PchipInterpolator:
+    """sqrt(n) sd(alpha_hat) of McCulloch's estimator as a function of alpha (delta method).
+
+    The sample quantiles Q = (x_05, x_25, x_75, x_95) are asymptotically normal with
+    n Cov(x_p, x_r) = (min(p, r) - p r) / (f(q_p) f(q_r)) (Serfling 1980, Thm 2.3.3); for the
+    symmetric law q_05 = -q_95 and q_25 = -q_75.  With D = 2 q_95, I = 2 q_75 and nu = D / I,
+    grad nu = (-1/I, D/I^2, -D/I^2, 1/I), and alpha_hat = nu^{-1}(nu_hat) gives
+        sqrt(n) sd(alpha_hat) = sqrt(grad^T Sigma grad) / |d nu / d alpha|.
+    nu is scale free, so the standard law serves for every scale.  Tabulated on the quantile grid
+    (76 densities by quadrature, ~10 ms, once) and interpolated by PCHIP.
+    """
+    cov = np.minimum.outer(_QUANTILE_PROBS, _QUANTILE_PROBS) - np.outer(_QUANTILE_PROBS, _QUANTILE_PROBS)
+    factors = []
+    for alpha, q75, q95 in zip(_QUANTILE_ALPHAS, _Q75, _Q95):
+        f75, f95 = _standard_density(np.array([q75, q95]), float(alpha))
+        density = np.array([f95, f75, f75, f95])
+        spread, middle = 2.0 * q95, 2.0 * q75
+        grad = np.array([-1.0 / middle, spread / middle**2, -spread / middle**2, 1.0 / middle])
+        var_nu = grad @ (cov / np.outer(density, density)) @ grad
+        factors.append(math.sqrt(var_nu) / abs(float(_DNU_DALPHA(alpha))))
+    return PchipInterpolator(_QUANTILE_ALPHAS, np.array(factors))
+
+
+def mcculloch_alpha_stderr(alpha: float, n: int) -> float:
+    """Asymptotic standard error of McCulloch's alpha from n samples of S(alpha, 0, scale, loc).
+
+    ``_mcculloch_stderr_curve()(alpha) / sqrt(n)``; at the clipped ends (alpha = 0.5 or 2) the
+    value of the unclipped estimator there.  Checked against the spread of the estimate over
+    seeds in tests/dynamics/test_tails.py.
+    """
+    return float(_mcculloch_stderr_curve()(_check_alpha(alpha))) / math.sqrt(n)
 
 
 @dataclass(frozen=True)
 class StableFit:
-    """Fitted symmetric alpha-stable law S(alpha, 0, scale, loc); ``n`` samples were used."""
+    """Fitted symmetric alpha-stable law S(alpha, 0, scale, loc); ``n`` samples were used.
+
+    ``alpha_stderr`` is the standard error of ``alpha`` (NaN for a hand-made fit).
+    """
 
     alpha: float
     scale: float
     loc: float
     method: str
     n: int
+    alpha_stderr: float = math.nan
 
 
 def _clean(x: np.ndarray) -> np.ndarray:
@@ -221,7 +279,37 @@ def _quantile_fit(x: np.ndarray) -> StableFit:
     else:
         alpha = float(_ALPHA_OF_NU(nu))
     scale = iqr / (2.0 * float(_Q75_OF_ALPHA(alpha)))
-    return StableFit(alpha=alpha, scale=float(scale), loc=float(q50), method="quantile", n=x.size)
+    return StableFit(
+        alpha=alpha,
+        scale=float(scale),
+        loc=float(q50),
+        method="quantile",
+        n=x.size,
+        alpha_stderr=mcculloch_alpha_stderr(alpha, x.size),
+    )
+
+
+_HESSIAN_STEP = 0.02  # finite-difference step in alpha and in log scale for the observed information
+
+
+def _mle_alpha_stderr(neg_mean_loglik: Callable[[np.ndarray], float], alpha: float, log_s: float, n: int) -> float:
+    """Standard error of the ML alpha from the observed information (inverse Hessian / n).
+
+    H is the Hessian of the mean negative log-likelihood in (alpha, log scale) by central
+    differences with step h = 0.02 (three density tables); near alpha = 2 the stencil's centre is
+    moved to 2 - h (the Hessian is smooth there).  sd(alpha) = sqrt((H^{-1})_{alpha alpha} / n).
+    NaN when H is not positive definite (a degenerate fit).
+    """
+    h = _HESSIAN_STEP
+    centre = min(max(alpha, ALPHA_MIN + h), ALPHA_MAX - h)
+    f = {(i, j): neg_mean_loglik(np.array([centre + i * h, log_s + j * h])) for i in (-1, 0, 1) for j in (-1, 0, 1)}
+    h_aa = (f[1, 0] - 2.0 * f[0, 0] + f[-1, 0]) / h**2
+    h_ss = (f[0, 1] - 2.0 * f[0, 0] + f[0, -1]) / h**2
+    h_as = (f[1, 1] - f[1, -1] - f[-1, 1] + f[-1, -1]) / (4.0 * h**2)
+    det = h_aa * h_ss - h_as**2
+    if not (h_aa > 0 and det > 0):
+        return math.nan
+    return math.sqrt(h_ss / det / n)
 
 
 def _mle_fit(x: np.ndarray, start: StableFit, max_iter: int) -> StableFit:
@@ -241,13 +329,14 @@ def _mle_fit(x: np.ndarray, start: StableFit, max_iter: int) -> StableFit:
         # alpha -> 2 and the exact Gaussian at alpha = 2, far below the statistical error
         options={"maxiter": max_iter, "eps": 1e-6},
     )
-    alpha, log_s = result.x
+    alpha, log_s = float(result.x[0]), float(result.x[1])
     return StableFit(
-        alpha=float(alpha),
+        alpha=alpha,
         scale=float(start.scale * math.exp(log_s)),
         loc=start.loc,
         method="mle",
         n=x.size,
+        alpha_stderr=_mle_alpha_stderr(neg_mean_loglik, alpha, log_s, x.size),
     )
 
 
@@ -266,11 +355,15 @@ def fit_symmetric_stable(
         scale = (x_75 - x_25) / (2 q_75(alpha)),   loc = median,
     where q_75(alpha) is the standard law's 75% quantile.  nu at or below the Gaussian value
     2.4387 gives alpha = 2; above the alpha = 0.5 value it gives alpha = 0.5.  Uses all samples,
-    O(n), about 0.2 ms for n = 5000.
+    O(n), about 0.2 ms for n = 5000.  ``alpha_stderr``: the delta-method standard error
+    ``mcculloch_alpha_stderr(alpha, n)`` (a tabulated function of alpha over sqrt(n); at n = 5000
+    0.023, 0.028, 0.044 at alpha = 1.2, 1.5, 1.8, within 3% of the spread over 200 seeds).
 
     ``mle``: maximum likelihood over (alpha, scale) with ``symmetric_stable_logpdf``, loc fixed
     at the median, started at the quantile estimate, on a random subsample of at most
-    ``max_samples`` points (L-BFGS-B, at most ``max_iter`` iterations).
+    ``max_samples`` points (L-BFGS-B, at most ``max_iter`` iterations).  ``alpha_stderr`` from the
+    observed information (``_mle_alpha_stderr``, 5-15 ms more); the median is asymptotically
+    uncorrelated with (alpha, scale) for a symmetric law, so fixing it does not bias the error.
 
     Args:
         x: samples, any shape (flattened); NaN/inf are dropped.
@@ -299,83 +392,154 @@ def fit_symmetric_stable(
 
 
 # ---------------------------------------------------------------------------------------------
-# Hill estimator
+# Student t alternative
 # ---------------------------------------------------------------------------------------------
-def hill_estimator(x: np.ndarray, k: int | None = None) -> float:
-    """Hill (1975) estimate of the tail index of |x|.
+STUDENT_T_DF_MIN = 0.1
+STUDENT_T_DF_MAX = 1e4  # beyond, indistinguishable from the Gaussian at any practical n
+_LOG_SCALE_RANGE = 10.0  # log scale searched within +-10 of log median |x - loc|
 
-    With the order statistics |x|_(1) >= |x|_(2) >= ... of the n finite samples,
-        alpha_hill = [ (1/k) sum_{i=1}^{k} log(|x|_(i) / |x|_(k+1)) ]^{-1}.
-    Default k = ceil(sqrt(n)): the usual rule of thumb, k -> inf and k/n -> 0, which keeps the
-    estimate inside the Pareto part of stable tails (whose Pareto regime starts far out as
-    alpha -> 2) at the price of a relative standard error of about 1/sqrt(k).
+
+@dataclass(frozen=True)
+class StudentTFit:
+    """Location-scale Student t law: (x - loc) / scale ~ t(df); ``n`` samples were used."""
+
+    df: float
+    scale: float
+    loc: float
+    n: int
+
+
+def student_t_logpdf(x: np.ndarray, df: float, scale: float, loc: float = 0.0) -> np.ndarray:
+    """log p(x) = log G((df+1)/2) - log G(df/2) - log(pi df)/2 - log scale - (df+1)/2 log(1 + z^2/df),
+    z = (x - loc) / scale (scipy's ``stats.t.logpdf(x, df, loc, scale)``)."""
+    z = (np.asarray(x, dtype=float) - loc) / scale
+    const = special.gammaln((df + 1) / 2) - special.gammaln(df / 2) - 0.5 * math.log(math.pi * df) - math.log(scale)
+    return const - 0.5 * (df + 1) * np.log1p(z**2 / df)
+
+
+def fit_student_t(x: np.ndarray, loc: float | None = None, max_iter: int = 100) -> StudentTFit:
+    """Maximum-likelihood Student t with location fixed (default: the sample median).
+
+    Maximises the mean log-likelihood over (log df, log scale) by L-BFGS-B with its analytic
+    gradient: with q_i = (x_i - loc)^2 / (df scale^2) and w_i = q_i / (1 + q_i),
+        d/d df      = psi((df+1)/2)/2 - psi(df/2)/2 - 1/(2 df) - mean(log1p q)/2 + (df+1) mean(w) / (2 df),
+        d/d log s   = -1 + (df + 1) mean(w).
+    df is kept in [0.1, 1e4]; ~10 iterations and ~1 ms for 5000 samples (scipy's
+    ``stats.t.fit``, which also fits loc, takes ~60 ms and agrees to 1e-3 in df).
 
     Raises:
-        ValueError: fewer than MIN_SAMPLES finite samples, constant data, k outside [1, n-1],
-            or |x|_(k+1) == 0 (over n-k samples are zero).
+        ValueError: fewer than MIN_SAMPLES finite samples, constant data, or over half the samples
+            equal to ``loc``.
     """
-    a = np.abs(_clean(x))
-    n = a.size
-    if k is None:
-        k = math.ceil(math.sqrt(n))
-    if not 1 <= k <= n - 1:
-        raise ValueError(f"k must lie in [1, n-1] = [1, {n - 1}], got {k}")
-    top = np.partition(a, n - k - 1)[n - k - 1 :]  # top[0] = |x|_(k+1), the rest the k largest
-    threshold = top[0]
-    if threshold <= 0:
-        raise ValueError(f"the (k+1)-th largest |x| is zero (k={k}); use a smaller k")
-    mean_log_excess = float(np.mean(np.log(top[1:] / threshold)))
-    if mean_log_excess <= 0:
-        raise ValueError(f"the {k + 1} largest |x| are all equal; the Hill estimate is undefined")
-    return 1.0 / mean_log_excess
+    values = _clean(x)
+    loc = float(np.median(values)) if loc is None else float(loc)
+    base = float(np.median(np.abs(values - loc)))
+    if base <= 0:
+        raise ValueError("over half the samples equal the location; the Student t scale is undefined")
+    u = ((values - loc) / base) ** 2
+
+    def neg_mean_loglik(params: np.ndarray) -> tuple[float, np.ndarray]:
+        df, log_s = math.exp(params[0]), float(params[1])
+        q = u * math.exp(-2.0 * log_s) / df
+        log1p_q, w = np.log1p(q), float(np.mean(q / (1.0 + q)))
+        mean_log1p = float(np.mean(log1p_q))
+        loglik = special.gammaln((df + 1) / 2) - special.gammaln(df / 2) - 0.5 * math.log(math.pi * df) - log_s
+        loglik -= 0.5 * (df + 1) * mean_log1p
+        d_df = 0.5 * (special.digamma((df + 1) / 2) - special.digamma(df / 2) - 1.0 / df - mean_log1p) + (df + 1) * w / (2 * df)
+        d_log_s = -1.0 + (df + 1) * w
+        return -float(loglik), -np.array([d_df * df, d_log_s])
+
+    result = optimize.minimize(
+        neg_mean_loglik,
+        x0=np.array([math.log(5.0), 0.0]),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(math.log(STUDENT_T_DF_MIN), math.log(STUDENT_T_DF_MAX)), (-_LOG_SCALE_RANGE, _LOG_SCALE_RANGE)],
+        options={"maxiter": max_iter},
+    )
+    return StudentTFit(df=float(math.exp(result.x[0])), scale=float(base * math.exp(result.x[1])), loc=loc, n=values.size)
 
 
 # ---------------------------------------------------------------------------------------------
-# Likelihood ratio and Vuong test against a Gaussian
+# Likelihood ratios and Vuong tests
 # ---------------------------------------------------------------------------------------------
 _LLR_RESOLUTION = 1e-9  # nats; spread of l_i at or below this is rounding noise
 
 
 @dataclass(frozen=True)
+class GaussianFit:
+    """Gaussian maximum-likelihood fit: sample mean and standard deviation (1/n)."""
+
+    mean: float
+    sigma: float
+
+
+@dataclass(frozen=True)
 class TailTest:
-    """Stable-vs-Gaussian comparison; positive ``llr``/``vuong_statistic`` favour the stable law."""
+    """Stable fit vs an ML-fitted ``alternative``; positive ``llr``/``vuong_statistic`` favour the stable law."""
 
     llr: float
     total_llr: float
     vuong_statistic: float
     p_value: float
-    gaussian_sigma: float
+    alternative: GaussianFit | StudentTFit
+
+
+def _vuong(log_stable: np.ndarray, log_alternative: np.ndarray, alternative: GaussianFit | StudentTFit) -> TailTest:
+    """Vuong (1989) test for non-nested models from per-sample log-densities.
+
+    l_i = log p_stable(x_i) - log p_alt(x_i); llr = mean(l_i), V = sqrt(n) mean(l_i) / std(l_i)
+    (std with 1/n), asymptotically N(0, 1) when both models are equally close to the truth (in
+    Kullback-Leibler divergence); p = 2 (1 - Phi(|V|)).  Both models have two free parameters, so no
+    size correction.  If std(l_i) <= 1e-9 nats (numerically identical models) V = 0 and p = 1.
+    """
+    ratios = log_stable - log_alternative
+    mean, spread = float(np.mean(ratios)), float(np.std(ratios))
+    statistic = math.sqrt(ratios.size) * mean / spread if spread > _LLR_RESOLUTION else 0.0
+    return TailTest(
+        llr=mean,
+        total_llr=float(np.sum(ratios)),
+        vuong_statistic=statistic,
+        p_value=float(special.erfc(abs(statistic) / math.sqrt(2.0))),
+        alternative=alternative,
+    )
 
 
 def stable_vs_gaussian(x: np.ndarray, fit: StableFit) -> TailTest:
     """Log-likelihood ratio of a fitted symmetric stable law against the Gaussian MLE (Vuong 1989).
 
     Per-sample l_i = log p_stable(x_i) - log N(x_i; mean, sigma^2) with the Gaussian fitted by
-    maximum likelihood (sample mean, sigma = std with 1/n).  Reports llr = mean(l_i),
-    total_llr = sum(l_i), the Vuong statistic V = sqrt(n) mean(l_i) / std(l_i) (std with 1/n),
-    asymptotically N(0, 1) when both models are equally close to the truth, and the two-sided
-    p-value 2 (1 - Phi(|V|)).  If std(l_i) <= 1e-9 nats (numerically identical models, where V
-    would be rounding noise) V = 0 and p = 1.
+    maximum likelihood (sample mean, sigma = std with 1/n); see ``_vuong`` for the statistic.
 
     Raises:
         ValueError: fewer than MIN_SAMPLES finite samples or constant data.
     """
     values = _clean(x)
-    sigma = float(np.std(values))
-    z = (values - np.mean(values)) / sigma
-    log_gauss = -0.5 * z**2 - math.log(sigma * math.sqrt(2.0 * math.pi))
-    log_stable = symmetric_stable_logpdf(values - fit.loc, fit.alpha, fit.scale)
-    ratios = log_stable - log_gauss
-    n = ratios.size
-    mean, spread = float(np.mean(ratios)), float(np.std(ratios))
-    statistic = math.sqrt(n) * mean / spread if spread > _LLR_RESOLUTION else 0.0
-    return TailTest(
-        llr=mean,
-        total_llr=float(np.sum(ratios)),
-        vuong_statistic=statistic,
-        p_value=float(special.erfc(abs(statistic) / math.sqrt(2.0))),
-        gaussian_sigma=sigma,
-    )
+    gaussian = GaussianFit(mean=float(np.mean(values)), sigma=float(np.std(values)))
+    z = (values - gaussian.mean) / gaussian.sigma
+    log_gauss = -0.5 * z**2 - math.log(gaussian.sigma * math.sqrt(2.0 * math.pi))
+    return _vuong(symmetric_stable_logpdf(values - fit.loc, fit.alpha, fit.scale), log_gauss, gaussian)
+
+
+def stable_vs_student_t(x: np.ndarray, fit: StableFit) -> TailTest:
+    """Log-likelihood ratio of a fitted symmetric stable law against an ML Student t (Vuong 1989).
+
+    Heavy tails alone do not make a law stable: against a Gaussian, the stable law wins on any
+    heavy-ish sample (Student t with 3 or 5 degrees of freedom, finite variance, is fitted as
+    alpha ~ 1.6-1.8 and preferred with p < 1e-4).  The Student t (``fit_student_t``, location
+    fixed at the stable fit's, df and scale by ML) is the finite-variance alternative with a power
+    tail x^{-df}: llr < 0 with a small p-value says "heavy-tailed, but not alpha-stable".  The
+    models overlap only at the Cauchy law (alpha = df = 1).  With the quantile estimate the stable
+    likelihood is not maximised, which moves llr towards the t by O(1/n) per sample only.
+
+    Raises:
+        ValueError: fewer than MIN_SAMPLES finite samples, constant data, or over half the samples
+            equal to ``fit.loc``.
+    """
+    values = _clean(x)
+    student = fit_student_t(values, loc=fit.loc)
+    log_t = student_t_logpdf(values, student.df, student.scale, student.loc)
+    return _vuong(symmetric_stable_logpdf(values - fit.loc, fit.alpha, fit.scale), log_t, student)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,47 +547,33 @@ def stable_vs_gaussian(x: np.ndarray, fit: StableFit) -> TailTest:
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TailSummary:
-    """Stable fit, Hill index and stable-vs-Gaussian test of one sample of ``n`` finite values."""
+    """Stable fit and its comparison with a Gaussian and a Student t, on ``n`` finite values."""
 
-    alpha: float
-    scale: float
-    hill: float
-    llr: float
-    vuong_statistic: float
-    p_value: float
+    fit: StableFit
+    gaussian: TailTest
+    student_t: TailTest
     n: int
 
 
-def analyse_tails(
-    x: np.ndarray,
-    method: str = "quantile",
-    hill_k: int | None = None,
-    max_samples: int = 5000,
-    seed: int = 0,
-) -> TailSummary:
-    """Fit a symmetric stable law, the Hill index and the Vuong test to one sample.
+def analyse_tails(x: np.ndarray, method: str = "quantile", max_samples: int = 5000, seed: int = 0) -> TailSummary:
+    """Fit a symmetric stable law and test it against a Gaussian and a Student t, on one sample.
 
     Input handling: ``x`` of any shape is flattened to float64 and NaN/inf are dropped; ``n`` is
     the number of finite values.  Raises ``ValueError`` (which a callback adapter should catch
     and skip) when fewer than MIN_SAMPLES = 50 finite values remain, when they are all equal
     (e.g. all zero), or when the interquartile range is zero (over half the values equal, e.g.
-    dead units with exact-zero gradients).
+    exact-zero gradients of dead units: drop exact zeros before calling).
 
     Args:
         x: samples, e.g. minibatch-gradient entries.
         method: stable fit, "quantile" (fast, default) or "mle" (see ``fit_symmetric_stable``).
-        hill_k: upper order statistics for ``hill_estimator`` (default ceil(sqrt(n))).
         max_samples, seed: subsample size and seed of the ``mle`` fit.
     """
     values = _clean(x)
     fit = fit_symmetric_stable(values, method=method, max_samples=max_samples, seed=seed)
-    test = stable_vs_gaussian(values, fit)
     return TailSummary(
-        alpha=fit.alpha,
-        scale=fit.scale,
-        hill=hill_estimator(values, k=hill_k),
-        llr=test.llr,
-        vuong_statistic=test.vuong_statistic,
-        p_value=test.p_value,
+        fit=fit,
+        gaussian=stable_vs_gaussian(values, fit),
+        student_t=stable_vs_student_t(values, fit),
         n=values.size,
     )
