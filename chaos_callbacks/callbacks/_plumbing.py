@@ -230,12 +230,19 @@ def log_scalars(
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(finite, step=step)
+    # pl_module.log from a callback hook that runs inside the user's training_step (e.g.
+    # on_before_optimizer_step under manual optimization) records the hook as the last one that
+    # logged; the user's next self.log would then see a "new hook" and reset what training_step had
+    # logged so far. Put Lightning's record back afterwards.
+    connector = trainer._logger_connector
+    last_logging_hook = connector._current_fx
     for name, value in finite.items():
         tensor = torch.tensor(value, dtype=torch.float32)
         if pl_module._current_fx_name is not None and name in prog_bar:
             pl_module.log(name, tensor, prog_bar=True, logger=False, on_step=True, on_epoch=False)
         else:
             trainer.callback_metrics[name] = tensor
+    connector._current_fx = last_logging_hook
 
 
 def tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:

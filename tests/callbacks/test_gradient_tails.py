@@ -568,12 +568,6 @@ def user_rows(callbacks, tmp_path) -> list[tuple[str, str, str]]:
         return [(r["step"], r["g_loss"], r["d_loss"]) for r in csv.DictReader(f) if r["g_loss"] or r["d_loss"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the fix in chaos_callbacks/callbacks/_plumbing.py (log_scalars): its pl_module.log(prog_bar=True) "
-    "from a hook run inside training_step leaves trainer._logger_connector._current_fx at the hook's name, so on "
-    "the first batch of each epoch the user's next self.log resets (drops) what training_step logged before",
-)
 def test_gan_user_metrics_are_untouched(tmp_path):
     plain = user_rows([], tmp_path / "plain")
     assert [r[0] for r in plain] == ["0", "1", "2", "3", "4", "5"] and all(g and d for _, g, d in plain)
