@@ -3,7 +3,7 @@
 1. Fits. For each alpha, ``--seeds`` samples of 5000 S(alpha, 0, 1e-3, 0) entries (scipy's
    sampler; alpha = 2 is the Gaussian): median time of our McCulloch quantile fit and of the
    maximum-likelihood fit (cold density-table cache, as in the callback, whose alpha changes every
-   estimate), each alone and inside ``analyse_tails`` (fit + Hill + Vuong test: one estimate's
+   estimate), each alone and inside ``analyse_tails`` (fit + Student t fit + Vuong tests: one estimate's
    statistics), and the median |alpha_hat - alpha| over the seeds. scipy's
    ``levy_stable.fit`` is not re-run here: ``python -m benchmarks.bench_tail_fit`` times it
    (20-50 s per 200 points).
@@ -154,7 +154,7 @@ def main() -> None:
 
     if not args.skip_fits:
         print(f"## Tail fits of {NUM_SAMPLES} samples (ms: median; |err|: median over {args.seeds} seeds)\n")
-        headers = ["alpha", "quantile ms", "quantile abs err", "+Hill+Vuong ms", "mle ms", "mle abs err", "+Hill+Vuong ms"]
+        headers = ["alpha", "quantile ms", "quantile abs err", "+tests ms", "mle ms", "mle abs err", "+tests ms"]
         print(markdown_table(headers, fit_rows(args.alphas, args.seeds, args.repeats)), flush=True)
         print("\nscipy.stats.levy_stable.fit: see `python -m benchmarks.bench_tail_fit` (not re-run here).\n")
 

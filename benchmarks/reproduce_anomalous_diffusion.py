@@ -68,6 +68,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import statistics
 import sys
 import time
@@ -97,7 +98,12 @@ DEFAULT_OUT = RESULTS / "anomalous_diffusion"
 EARLY_LATE_FRACTION = 0.2  # tail estimates: early = first fifth, late = last fifth
 LATE_WINDOWS = 3  # diffusion windows: "late" = mean of the last three
 ALPHA = "grad_tail/alpha"
-LAYER_ALPHA = ALPHA + "/"
+LAYER_ALPHA = re.compile(r"^grad_tail/(.+)/alpha$")  # per-layer tags grad_tail/<layer>/alpha
+
+
+def layer_alphas(metrics: dict[str, float]) -> dict[str, float]:
+    """The per-layer α of one estimate, by layer name."""
+    return {match[1]: v for k, v in metrics.items() if (match := LAYER_ALPHA.match(k))}
 
 
 # ----------------------------------------------------------------------------- runs
@@ -154,7 +160,7 @@ class RunResult:
     layers: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        names = (key.removeprefix(LAYER_ALPHA) for _, m in self.tails for key in m if key.startswith(LAYER_ALPHA))
+        names = (layer for _, m in self.tails for layer in layer_alphas(m))
         self.layers = list(dict.fromkeys(names))
 
     def tail_series(self, key: str) -> tuple[list[int], list[float]]:
@@ -240,11 +246,17 @@ def trend(early: Sequence[float], late: Sequence[float]) -> str:
 
 
 def regime(alpha: float) -> str:
+    if not math.isfinite(alpha):
+        return "none"
     return "super" if alpha > 1 else "sub"
 
 
 def late_mean(windows: Sequence[WindowStats], name: str) -> float:
-    return mean([getattr(w, name) for w in windows[-LATE_WINDOWS:]])
+    """Mean over the last windows of a statistic, over the windows that have it (a crossover and its
+    two exponents exist only where the two-regime model is significantly better)."""
+    values = [getattr(w, name) for w in windows[-LATE_WINDOWS:]]
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return mean(finite) if finite else math.nan
 
 
 # ----------------------------------------------------------------------------- table rows
@@ -275,18 +287,19 @@ def summary_row(result: RunResult) -> dict[str, Any]:
 def tail_row(result: RunResult) -> dict[str, Any]:
     """Early vs late tail statistics of one run; layers counted by the trend of their own α."""
     alpha_early, alpha_late = early_late(result.tail_series(ALPHA)[1])
-    hill_early, hill_late = early_late(result.tail_series("grad_tail/hill")[1])
+    t_early, t_late = early_late(result.tail_series("grad_tail/llr_student_t")[1])
     p_early, p_late = early_late(result.tail_series("grad_tail/vuong_p")[1])
     stable = [m["grad_tail/llr_gauss"] > 0 and m["grad_tail/vuong_p"] < 0.05 for _, m in result.tails]
-    layer_trends = [trend(*early_late(result.tail_series(LAYER_ALPHA + layer)[1])) for layer in result.layers]
+    over_t = [m.get("grad_tail/llr_student_t", math.nan) > 0 and m.get("grad_tail/vuong_p_student_t", 1.0) < 0.05 for _, m in result.tails]
+    layer_trends = [trend(*early_late(result.tail_series(f"grad_tail/{layer}/alpha")[1])) for layer in result.layers]
     return {
         "model": result.spec.model, "lr": result.spec.lr, "β": result.spec.momentum, "estimates": len(result.tails),
         "α early": mean(alpha_early), "se early": standard_error(alpha_early), "α late": mean(alpha_late),
         "se late": standard_error(alpha_late), "α over training": trend(alpha_early, alpha_late),
-        "Hill early": mean(hill_early), "Hill late": mean(hill_late),
+        "llr vs t early": mean(t_early), "llr vs t late": mean(t_late),
         "Vuong p early (median)": statistics.median(p_early) if p_early else math.nan,
         "Vuong p late (median)": statistics.median(p_late) if p_late else math.nan,
-        "stable preferred %": 100 * mean(stable),
+        "stable over Gauss %": 100 * mean(stable), "stable over t %": 100 * mean(over_t),
         "layers α rises/falls/flat": "/".join(str(layer_trends.count(t)) for t in ("rises", "falls", "flat")),
     }  # fmt: skip
 
@@ -295,10 +308,10 @@ def tail_csv_rows(result: RunResult) -> list[dict[str, Any]]:
     """One row per estimate for all parameters (``layer`` = ``all``) and one per estimate and layer."""
     rows = []
     for step, m in result.tails:
-        rows.append({"step": step, "layer": "all", "alpha": m[ALPHA], "scale": m["grad_tail/scale"], "hill": m["grad_tail/hill"],
-                     "llr_gauss": m["grad_tail/llr_gauss"], "vuong_p": m["grad_tail/vuong_p"]})  # fmt: skip
-        layers = {k.removeprefix(LAYER_ALPHA): v for k, v in m.items() if k.startswith(LAYER_ALPHA)}
-        rows += [{"step": step, "layer": layer, "alpha": alpha} for layer, alpha in layers.items()]
+        rows.append({"step": step, "layer": "all", "alpha": m[ALPHA], "scale": m["grad_tail/scale"],
+                     "llr_gauss": m["grad_tail/llr_gauss"], "vuong_p": m["grad_tail/vuong_p"],
+                     "llr_student_t": m.get("grad_tail/llr_student_t"), "vuong_p_student_t": m.get("grad_tail/vuong_p_student_t")})  # fmt: skip
+        rows += [{"step": step, "layer": layer, "alpha": alpha} for layer, alpha in layer_alphas(m).items()]
     return rows
 
 

@@ -7,35 +7,40 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from chaos_callbacks.callbacks._plumbing import tensorboard_loggers
 
-#: One TensorBoard "Custom Scalars" category per instrument; regexes select the charts.
+#: One TensorBoard "Custom Scalars" category per instrument; anchored regexes select the charts (so that
+#: ``<tag>_error``/``<tag>_stderr`` companions do not join their tag's chart).
 CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
     "hessian": {
-        "top eigenvalues and most negative": ["Multiline", [r"hessian/eig_\d+", "hessian/lambda_min"]],
-        "lr x lambda_max (2 = edge of stability)": ["Multiline", ["hessian/sharpness_lr"]],
-        "trace": ["Multiline", ["hessian/trace"]],
-        "gradient-weighted curvature |Hg|/|g|": ["Multiline", ["hessian/grad_curvature"]],
+        "top eigenvalues and most negative": ["Multiline", [r"hessian/eig_\d+$", "hessian/lambda_min$"]],
+        "lr x lambda_max (2 = edge of stability)": ["Multiline", ["hessian/sharpness_lr$"]],
+        "trace": ["Multiline", ["hessian/trace$"]],
+        "gradient-weighted curvature |Hg|/|g|": ["Multiline", ["hessian/grad_curvature$"]],
     },
     "lyapunov": {
-        "exponents (ln per step)": ["Multiline", ["lyapunov/mle", "lyapunov/ftle", "lyapunov/local_exponent"]],
-        "ln d(t)": ["Multiline", ["lyapunov/log_distance"]],
-        "twin loss": ["Multiline", ["lyapunov/twin_loss", "train/loss_step", "train/loss"]],
+        "exponents (ln per step)": ["Multiline", ["lyapunov/mle$", "lyapunov/ftle$", "lyapunov/local_exponent$"]],
+        "ln d(t)": ["Multiline", ["lyapunov/log_distance$"]],
+        "twin loss": ["Multiline", ["lyapunov/twin_loss$", "train/loss_step$", "train/loss$"]],
     },
     "curvature_lr": {
-        "learning rate": ["Multiline", ["curvature_lr/lr"]],
-        "curvature in use": ["Multiline", ["curvature_lr/lambda"]],
+        "learning rate": ["Multiline", ["curvature_lr/lr$"]],
+        "curvature in use": ["Multiline", ["curvature_lr/lambda$"]],
     },
     "diffusion": {
-        "MSD exponents": ["Multiline", ["diffusion/exponent", "diffusion/exponent_short", "diffusion/exponent_long"]],
-        "crossover lag": ["Multiline", ["diffusion/crossover"]],
-        "Hurst and fractal dimension": ["Multiline", ["diffusion/hurst", "diffusion/fractal_dim"]],
-        "SGD temperature lr/2B": ["Multiline", ["diffusion/temperature"]],
+        "MSD exponents": ["Multiline", ["diffusion/exponent$", "diffusion/exponent_short$", "diffusion/exponent_long$"]],
+        "crossover lag": ["Multiline", ["diffusion/crossover$"]],
+        "Hurst and fractal dimension": ["Multiline", ["diffusion/hurst$", "diffusion/fractal_dim$"]],
+        "SGD temperature lr/2B": ["Multiline", ["diffusion/temperature$"]],
     },
     "grad_tail": {
-        "alpha (global and per layer)": ["Multiline", [r"grad_tail/alpha.*"]],
-        "Hill tail index": ["Multiline", ["grad_tail/hill"]],
-        "stable vs Gaussian": ["Multiline", ["grad_tail/llr_gauss", "grad_tail/vuong_p"]],
+        "alpha (global and per layer)": ["Multiline", [r"grad_tail/(.+/)?alpha$"]],
+        "stable vs Gaussian and vs Student t (mean log-likelihood ratio)": [
+            "Multiline", ["grad_tail/llr_gauss$", "grad_tail/llr_student_t$"]
+        ],
+        "Vuong p-values": ["Multiline", ["grad_tail/vuong_p$", "grad_tail/vuong_p_student_t$"]],
+        "fraction of exactly-zero gradient entries": ["Multiline", [r"grad_tail/(.+/)?zero_fraction$"]],
     },
 }
+
 
 #: Headline quantities printed at the end of fit, in this order.
 HEADLINES: tuple[str, ...] = (
