@@ -92,7 +92,7 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for message in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LightningModule.log.*",
-                    ".*enable_nested_tensor.*", ".*max_steps.*"):
+                    ".*enable_nested_tensor.*", ".*max_steps.*", ".*treespec.*"):
         warnings.filterwarnings("ignore", message)
 
 
