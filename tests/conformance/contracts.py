@@ -223,6 +223,7 @@ def fit(
     max_steps: int = 6,
     capture_steps: Sequence[int] = (),
     module_kwargs: dict[str, Any] | None = None,
+    trainer_overrides: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> RunRecord:
     """Build the zoo module ``species_name`` from ``seed`` and train it under ``setting``.
@@ -242,6 +243,7 @@ def fit(
     if not setting.validation and species.val is not None:
         kwargs["limit_val_batches"] = 0
     kwargs.update(setting.trainer)
+    kwargs.update(trainer_overrides or {})
     trainer = pl.Trainer(callbacks=[*callbacks, capture, observer], **kwargs)
     model = torch.compile(module, backend=setting.compile_backend) if setting.compile_backend else module
     with warnings.catch_warnings(record=True) as caught:

@@ -92,6 +92,7 @@ class Cell:
     checks: str  # what the cell checks beyond the common contracts (README column)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # constructor overrides per callback
     module_kwargs: dict[str, Any] = field(default_factory=dict)
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # on top of the setting's
     steps: int = 6
     refused: str | None = None  # regex of the documented ValueError
     exact: Callable[[RunRecord], None] | None = None
@@ -241,6 +242,15 @@ def _linear_hessian(record: RunRecord) -> tuple[np.ndarray, float]:
     return 2.0 / len(x) * z.T @ z, record.module.lr
 
 
+def check_linear_spectrum(record: RunRecord) -> None:
+    """Quadratic loss: the Hessian is (2/N)ZᵀZ at every step; λ_max and λ_min are its extreme eigenvalues."""
+    h, _ = _linear_hessian(record)
+    eig = np.linalg.eigvalsh(h)
+    for step in (0, 2, 4):
+        assert record.at("hessian/lambda_max", step) == pytest.approx(eig[-1], rel=1e-6)
+        assert record.at("hessian/lambda_min", step) == pytest.approx(eig[0], rel=1e-6)
+
+
 def check_linear_curvature_lr(record: RunRecord) -> None:
     """Quadratic loss: the quasi-Newton rate is 1/λ_max(H) at every estimate, and the optimizer uses it."""
     h, _ = _linear_hessian(record)
@@ -259,6 +269,7 @@ class TwinStart(Callback):
         self.delta: list[Tensor] | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.clipping = (float(trainer.gradient_clip_val or 0.0), "value" if trainer.gradient_clip_algorithm == "value" else "norm")
         state = self.twin.state_dict()
         self.delta = [t - p.detach().cpu() for t, p in zip(state["twins"][0]["params"], pl_module.parameters())]
 
@@ -284,6 +295,36 @@ def check_linear_twin(record: RunRecord) -> None:
             delta *= eps / d
     # and the exponent is heading for the top one, max_i ln|1 − ηλ_i|
     assert twin.mle <= float(np.log(np.abs(np.linalg.eigvalsh(a))).max()) + 1e-6
+
+
+def _clip(g: np.ndarray, c: float, algorithm: str) -> np.ndarray:
+    return np.clip(g, -c, c) if algorithm == "value" else g * min(1.0, c / (float(np.linalg.norm(g)) + 1e-6))
+
+
+def check_linear_twin_clipping(record: RunRecord) -> None:
+    """Gradient clipping on a quadratic: main and twin both take θ ← θ − η clip(∇L(θ)) (value: clamp
+    to [−c, c]; norm: torch's g·min(1, c/(‖g‖+1e-6))), simulated exactly in float64 from θ₀ and the
+    twin's δ₀; ln d(t) must follow (a twin clipping the other way is off by orders of magnitude)."""
+    (start,) = [c for c in record.callbacks if isinstance(c, TwinStart)]
+    x, y = record.captures[0]["batch"]
+    z = np.concatenate([x.double().numpy(), np.ones((len(x), 1))], axis=1)
+    y = y.double().numpy().reshape(-1)
+    lr, (c, algorithm) = record.module.lr, start.clipping
+    params = record.captures[0]["params"]
+    theta = np.concatenate([params["linear.weight"].double().reshape(-1).numpy(), params["linear.bias"].double().numpy()])
+    delta = np.concatenate([d.double().reshape(-1).numpy() for d in start.delta])
+    twin, eps, k = theta + delta, float(np.linalg.norm(delta)), record.callbacks[0].renormalize_every
+    clipped = 0
+    for step in range(1, record.global_step + 1):
+        raw = [2.0 / len(y) * z.T @ (z @ t - y) for t in (theta, twin)]
+        grads = [_clip(g, c, algorithm) for g in raw]
+        clipped += int((grads[0] != raw[0]).sum())
+        theta, twin = theta - lr * grads[0], twin - lr * grads[1]
+        d = float(np.linalg.norm(twin - theta))
+        assert record.at("lyapunov/log_distance", step) == pytest.approx(math.log(d), abs=1e-6), step
+        if step % k == 0:  # Benettin: pulled back to ε along the separation
+            twin = theta + (twin - theta) * eps / d
+    assert clipped > 0
 
 
 def check_diverged(record: RunRecord) -> None:
@@ -312,6 +353,7 @@ CELLS: list[Cell] = [
     Cell("demo", "fast_dev_run", ("H", "T", "D", "G"), "fast_dev_run=5 (no loggers): headline tags reach callback_metrics"),
     Cell("lightning_transformer", "accumulate", ("H", "D"), "nn.Transformer demo (dropout, cached masks as attributes) "
          "under accumulate_grad_batches=2", steps=4),
+    Cell("lightning_transformer", "accumulate", ("C",), "curvature rate under accumulation: same course", steps=4),
     Cell("lightning_transformer", "clip_norm", ("T", "G"), "twin mirrors norm clipping"),
     # stock nn.TransformerEncoder language model, AdamW decay/no-decay groups
     Cell("encoder_lm", "default", ("H",), "nn.TransformerEncoderLayer (SDPA) × Hessian, train mode with dropout"),
@@ -331,6 +373,7 @@ CELLS: list[Cell] = [
     Cell("hf_gpt2", "accumulate", ("T", "D", "G"), "HuggingFace GPT-2 under accumulation", steps=4),
     # manual optimization
     Cell("gan", "default", ("T",), "manual-optimization GAN, twin with loss_fn", options={"T": {"loss_fn": zoo.gan_discriminator_loss}}),
+    Cell("gan", "default", ("H",), "manual-optimization GAN, Hessian of a loss_fn", options={"H": {"loss_fn": zoo.gan_discriminator_loss}}),
     Cell("gan", "default", ("G",), "manual-optimization GAN: two optimizer steps per batch"),
     Cell("gan", "default", ("D",), "manual-optimization GAN: loss from g_loss/d_loss logs or outputs", steps=8),
     Cell("gan", "default", ("C",), "refused: ValueError naming CurvatureLRScheduler (two optimizers) before the first step",
@@ -340,9 +383,16 @@ CELLS: list[Cell] = [
     Cell("collecting", "default", ("T",), "training_step_outputs list, counter, torch.Generator untouched"),
     Cell("collecting", "default", ("C",), "same course as without it: steps, RNG, list lengths, generator state"),
     Cell("collecting", "clip_value", ("T",), "twin mirrors value clipping"),
+    Cell("collecting", "bf16", ("H", "D", "G"), "bf16-mixed: curvature, weights and gradients in float32"),
+    Cell("linear", "clip_value", ("T",), "64-true, clip 0.5: ln d(t) = exact float64 simulation of clamped main and twin steps",
+         options={"T": {"renormalize_every": 4}}, trainer_kwargs={"precision": "64-true", "gradient_clip_val": 0.5},
+         steps=8, capture=(0,), extra=_twin_with_start, exact=check_linear_twin_clipping),
+    Cell("linear", "clip_norm", ("T",), "64-true, clip 0.5: ln d(t) = exact float64 simulation of norm-clipped main and twin steps",
+         options={"T": {"renormalize_every": 4}}, trainer_kwargs={"precision": "64-true", "gradient_clip_val": 0.5},
+         steps=8, capture=(0,), extra=_twin_with_start, exact=check_linear_twin_clipping),
     Cell("collecting", "frozen_groups", ("C",), "λ_max(R^½HR^½) vs dense float64 Hessian, lr = 1/λ per group ratio",
          options={"C": {"tol": 1e-6, "max_hvps": 200}}, module_kwargs={"dropout": 0.0}, capture=(0, 1), exact=check_groups_curvature_lr),
-    Cell("collecting", "plateau", ("H", "G"), "ReduceLROnPlateau on val_loss: scheduler state and validation logs untouched",
+    Cell("collecting", "plateau", ("H", "T", "G"), "ReduceLROnPlateau on val_loss: scheduler state and validation logs untouched",
          steps=8),
     Cell("collecting", "plateau", ("C",), "refused: ValueError naming CurvatureLRScheduler (ReduceLROnPlateau) before the first step",
          refused="CurvatureLRScheduler.*ReduceLROnPlateau"),
@@ -355,8 +405,13 @@ CELLS: list[Cell] = [
     # a quadratic: exact answers
     Cell("linear", "f64", ("T",), "64-true: ln d(t), ftle, mle = exact linear-map recursion from the twin's δ₀ (±1e-6)",
          options={"T": {"renormalize_every": 4}}, steps=8, capture=(0,), extra=_twin_with_start, exact=check_linear_twin),
+    Cell("linear", "f64", ("H",), "64-true: λ_max, λ_min = extreme eigenvalues of (2/N)ZᵀZ (rel 1e-6)",
+         options={"H": EXACT_H}, capture=(0,), exact=check_linear_spectrum),
     Cell("linear", "f64", ("C",), "quasi-Newton rate = 1/λ_max(H) exactly (quadratic), and the optimizer uses it",
          options={"C": {"tol": 1e-8}}, capture=(0, 1), exact=check_linear_curvature_lr),
+    Cell("linear", "compile", ("T",), "torch.compile(aot_eager), 64-true: exact linear-map recursion of the twin",
+         options={"T": {"renormalize_every": 4}}, trainer_kwargs={"precision": "64-true"}, steps=8, capture=(0,),
+         extra=_twin_with_start, exact=check_linear_twin),
     Cell("linear", "compile", ("C",), "torch.compile(aot_eager) × curvature rate: 1/λ_max(H) exactly",
          options={"C": {"tol": 1e-8}}, capture=(0, 1), exact=check_linear_curvature_lr),
     Cell("linear", "diverging", ("T",), "SGD lr 1e3 overflows to inf/NaN: no crash, reseeds counted, NaN-identical main run",
@@ -373,9 +428,10 @@ _BASELINES: dict[tuple[Any, ...], RunRecord] = {}
 
 def baseline(cell: Cell, root: Path) -> RunRecord:
     """The same cell without callbacks (cached: several cells share one)."""
-    key = (cell.module, cell.setting, cell.steps, tuple(sorted(cell.module_kwargs.items())))
+    key = (cell.module, cell.setting, cell.steps, repr(cell.module_kwargs), repr(cell.trainer_kwargs))
     if key not in _BASELINES:
-        _BASELINES[key] = fit(cell.module, SETTINGS[cell.setting], [], root, max_steps=cell.steps, module_kwargs=cell.module_kwargs)
+        _BASELINES[key] = fit(cell.module, SETTINGS[cell.setting], [], root, max_steps=cell.steps,
+                              module_kwargs=cell.module_kwargs, trainer_overrides=cell.trainer_kwargs)
     return _BASELINES[key]
 
 
@@ -416,11 +472,12 @@ def test_cell(cell: Cell, tmp_path: Path, tmp_path_factory: pytest.TempPathFacto
     if cell.refused is not None:
         watch = Watch()
         with pytest.raises(ValueError, match=cell.refused):
-            fit(cell.module, setting, [*cell.make_callbacks(), watch], tmp_path, max_steps=cell.steps, module_kwargs=cell.module_kwargs)
+            fit(cell.module, setting, [*cell.make_callbacks(), watch], tmp_path, max_steps=cell.steps,
+                module_kwargs=cell.module_kwargs, trainer_overrides=cell.trainer_kwargs)
         assert watch.batches == 0, "refused only after a training step"
         return
-    record = fit(cell.module, setting, cell.make_callbacks(), tmp_path, max_steps=cell.steps,
-                 capture_steps=cell.capture, module_kwargs=cell.module_kwargs)
+    record = fit(cell.module, setting, cell.make_callbacks(), tmp_path, max_steps=cell.steps, capture_steps=cell.capture,
+                 module_kwargs=cell.module_kwargs, trainer_overrides=cell.trainer_kwargs)
     assert_contained(record)
     assert_headline(record, cell.headline)
     assert set(cell.progress_bar) <= set(record.progress_bar), record.progress_bar
