@@ -223,26 +223,21 @@ def log_scalars(
     """Write ``metrics`` to every logger at ``step`` and to ``callback_metrics``/progress bar.
 
     Loggers are written directly (``logger.log_metrics``), so sparse estimates are never dropped
-    by ``log_every_n_steps``; the values also reach ``trainer.callback_metrics`` (and the
-    progress bar for ``prog_bar`` names) through ``pl_module.log(..., logger=False)``.
+    by ``log_every_n_steps``; the values also go straight into ``trainer.callback_metrics`` (and
+    ``trainer.progress_bar_metrics`` for ``prog_bar`` names). ``pl_module.log`` is never called: from a
+    callback hook that runs inside the user's ``training_step`` (``on_before_optimizer_step`` under
+    manual optimization), it switches Lightning's current hook, and on the first batch Lightning then
+    resets what ``training_step`` had logged so far (a GAN's ``g_loss`` vanished from the loggers).
     """
     finite = {k: float(v) for k, v in metrics.items() if v is not None}
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(finite, step=step)
-    # pl_module.log from a callback hook that runs inside the user's training_step (e.g.
-    # on_before_optimizer_step under manual optimization) records the hook as the last one that
-    # logged; the user's next self.log would then see a "new hook" and reset what training_step had
-    # logged so far. Put Lightning's record back afterwards.
-    connector = trainer._logger_connector
-    last_logging_hook = connector._current_fx
     for name, value in finite.items():
         tensor = torch.tensor(value, dtype=torch.float32)
-        if pl_module._current_fx_name is not None and name in prog_bar:
-            pl_module.log(name, tensor, prog_bar=True, logger=False, on_step=True, on_epoch=False)
-        else:
-            trainer.callback_metrics[name] = tensor
-    connector._current_fx = last_logging_hook
+        trainer.callback_metrics[name] = tensor
+        if name in prog_bar:
+            trainer.progress_bar_metrics[name] = tensor
 
 
 def tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:
