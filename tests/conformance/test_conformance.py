@@ -99,6 +99,7 @@ class Cell:
     capture: tuple[int, ...] = ()
     extra: Callable[[list[Callback]], list[Callback]] | None = None  # passive helpers for exact checks
     slow: bool = False
+    tags: tuple[str, ...] | None = None  # headline tags, where they differ from the callbacks' usual ones
 
     @property
     def id(self) -> str:
@@ -110,11 +111,11 @@ class Cell:
 
     @property
     def headline(self) -> list[str]:
-        return [t for k in self.callbacks for t in CALLBACKS[k][1]]
+        return list(self.tags) if self.tags else [t for k in self.callbacks for t in CALLBACKS[k][1]]
 
     @property
     def progress_bar(self) -> list[str]:
-        return [CALLBACKS[k][1][0] for k in self.callbacks]
+        return list(self.tags[:1]) if self.tags else [CALLBACKS[k][1][0] for k in self.callbacks]
 
 
 # ------------------------------------------------------------------------------ references
@@ -374,7 +375,8 @@ CELLS: list[Cell] = [
     # manual optimization
     Cell("gan", "default", ("T",), "manual-optimization GAN, twin with loss_fn", options={"T": {"loss_fn": zoo.gan_discriminator_loss}}),
     Cell("gan", "default", ("H",), "manual-optimization GAN, Hessian of a loss_fn", options={"H": {"loss_fn": zoo.gan_discriminator_loss}}),
-    Cell("gan", "default", ("G",), "manual-optimization GAN: two optimizer steps per batch"),
+    Cell("gan", "default", ("G",), "manual-optimization GAN: two optimizer steps per batch; each optimizer's gradients "
+         "fitted at its own due steps, tags grad_tail/optimizer_<i>/...", tags=("grad_tail/optimizer_0/alpha", "grad_tail/optimizer_1/alpha")),
     Cell("gan", "default", ("D",), "manual-optimization GAN: loss from g_loss/d_loss logs or outputs", steps=8),
     Cell("gan", "default", ("C",), "refused: ValueError naming CurvatureLRScheduler (two optimizers) before the first step",
          options={"C": {"loss_fn": zoo.gan_discriminator_loss}}, refused="CurvatureLRScheduler.*optimizer"),
@@ -403,14 +405,14 @@ CELLS: list[Cell] = [
     Cell("skipping", "default", ("H", "T", "D", "G"), "every third training_step returns None (optimizer step skipped)",
          steps=8),
     # a quadratic: exact answers
-    Cell("linear", "f64", ("T",), "64-true: ln d(t), ftle, mle = exact linear-map recursion from the twin's δ₀ (±1e-6)",
-         options={"T": {"renormalize_every": 4}}, steps=8, capture=(0,), extra=_twin_with_start, exact=check_linear_twin),
+    Cell("linear", "f64", ("T",), "64-true, explicit ε (absolute): ln d(t), ftle, mle = exact linear-map recursion "
+         "from the twin's δ₀ (±1e-6)", options={"T": {"renormalize_every": 4, "epsilon": 1e-6}}, steps=8, capture=(0,), extra=_twin_with_start, exact=check_linear_twin),
     Cell("linear", "f64", ("H",), "64-true: λ_max, λ_min = extreme eigenvalues of (2/N)ZᵀZ (rel 1e-6)",
          options={"H": EXACT_H}, capture=(0,), exact=check_linear_spectrum),
     Cell("linear", "f64", ("C",), "quasi-Newton rate = 1/λ_max(H) exactly (quadratic), and the optimizer uses it",
          options={"C": {"tol": 1e-8}}, capture=(0, 1), exact=check_linear_curvature_lr),
-    Cell("linear", "compile", ("T",), "torch.compile(aot_eager), 64-true: exact linear-map recursion of the twin",
-         options={"T": {"renormalize_every": 4}}, trainer_kwargs={"precision": "64-true"}, steps=8, capture=(0,),
+    Cell("linear", "compile", ("T",), "torch.compile(aot_eager), 64-true, explicit ε: exact linear-map recursion of the twin",
+         options={"T": {"renormalize_every": 4, "epsilon": 1e-6}}, trainer_kwargs={"precision": "64-true"}, steps=8, capture=(0,),
          extra=_twin_with_start, exact=check_linear_twin),
     Cell("linear", "compile", ("C",), "torch.compile(aot_eager) × curvature rate: 1/λ_max(H) exactly",
          options={"C": {"tol": 1e-8}}, capture=(0, 1), exact=check_linear_curvature_lr),
