@@ -253,14 +253,22 @@ class KrylovSchur:
         return self.q is None
 
     def _fresh(self, v: Tensor) -> Tensor | None:
-        if len(self.locked) + len(self.U) >= self.n:
-            return None
-        v = v.clone()
-        orthogonalize(v, self.locked + self.U)
-        norm = float(v.norm())
-        if norm < 1e-3:  # the start lay in the span already (should not happen for a random start)
-            return self._fresh(_random_unit(self.n, self.generator, v.dtype, v.device))
-        return v / norm
+        """``v`` orthonormalised against the locked vectors and the basis; ``None`` if they span everything.
+
+        A vector (almost) inside their span — a warm start on converged vectors — is replaced by a
+        random one, whose expected remaining norm is ``√(1 − d/n)`` for ``d`` spanned dimensions.
+        """
+        spanned = len(self.locked) + len(self.U)
+        for _ in range(4):
+            if spanned >= self.n:
+                return None
+            v = v.clone()
+            orthogonalize(v, self.locked + self.U)
+            norm = float(v.norm())
+            if norm > 0.1 * math.sqrt(1 - spanned / self.n):
+                return v / norm
+            v = _random_unit(self.n, self.generator, v.dtype, v.device)
+        return None
 
     def extend(self) -> None:
         """One product: append ``q`` to the basis."""
