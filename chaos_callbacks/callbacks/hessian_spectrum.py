@@ -174,11 +174,16 @@ class HessianSpectrumMonitor(Callback):
             kw = dict(generator=generator, dtype=op.dtype, device=op.device)
             metrics: dict[str, float] = {}
             lam_max = self._eigen(op, metrics, kw)
+            eigen = [v for k, v in metrics.items() if k in ("hessian/lambda_max", "hessian/lambda_dominant")]
+            if not bool(op.gradient.any()) and all(v == 0.0 for v in eigen):
+                raise plumb.EstimateSkipped("the probe loss is constant in the parameters (zero gradient and zero Hessian): "
+                                            "is it detached from the model?")
             if self.trace:
                 deflate = {}
                 if self.method == "lanczos" and self._warm_vectors is not None:
                     deflate = dict(deflate_vectors=self._warm_vectors[: self.top_k], deflate_values=self._top_values)
-                metrics["hessian/trace"] = hutchinson_trace(op, op.dim, num_samples=self.trace_samples, **deflate, **kw).trace
+                est = hutchinson_trace(op, op.dim, num_samples=self.trace_samples, **deflate, **kw)
+                metrics["hessian/trace"], metrics["hessian/trace_stderr"] = est.trace, est.stderr
             density = self.density and trainer.global_step % self.density_every_n_steps == 0
             if density:
                 dens = spectral_density(op, op.dim, num_probes=self.density_probes, steps=self.density_steps, **kw)
@@ -197,6 +202,11 @@ class HessianSpectrumMonitor(Callback):
         return {k: v for k, v in metrics.items() if v is not None}
 
     def _eigen(self, op: HessianOperator, metrics: dict[str, float], kw: dict[str, Any]) -> float | None:
+        """Eigenvalue estimates with their certified ``_error`` bounds; returns ``λ_max`` (``None`` for power).
+
+        Bounds are rigorous given the index assumption of :mod:`chaos_callbacks.curvature.lanczos`
+        (the random part of every start vector makes it hold with high probability).
+        """
         init = self._warm_vectors if self.warm_start else None
         if self.method == "power":
             res = power_iteration(op, op.dim, tol=self.tol, max_matvecs=self.max_hvps, init=init, **kw)
@@ -204,6 +214,7 @@ class HessianSpectrumMonitor(Callback):
                 raise plumb.EstimateSkipped(f"power iteration did not converge in {self.max_hvps} HVPs")
             self._warm_vectors = res.eigenvector[None]
             metrics["hessian/lambda_dominant"] = res.eigenvalue
+            metrics["hessian/lambda_dominant_error"] = res.error_bound
             return None
         if self.method == "lyapunov":
             res = lyapunov_map_lambda_max(op, op.dim, tol=self.tol, max_matvecs=self.max_hvps, init=init, **kw)
@@ -211,18 +222,27 @@ class HessianSpectrumMonitor(Callback):
                 raise plumb.EstimateSkipped(f"the Lyapunov-map estimate did not converge in {self.max_hvps} HVPs")
             self._warm_vectors = res.vector[None]
             metrics["hessian/lambda_max"] = res.lambda_max
+            # certified bound of the lyapunov_map rewrite (getattr until that branch is merged)
+            metrics["hessian/lambda_max_error"] = getattr(res, "error_bound", None)
             return res.lambda_max
-        res = lanczos(op, op.dim, k=self.top_k, want_min=self.lambda_min, tol=self.tol, min_tol=self.lambda_min_tol, max_matvecs=self.max_hvps, init=init, **kw)
+        res = lanczos(op, op.dim, k=self.top_k, want_min=self.lambda_min, tol=self.tol, min_tol=self.lambda_min_tol,
+                      max_matvecs=self.max_hvps, init=init, **kw)
         if not res.converged:
-            raise plumb.EstimateSkipped(f"Lanczos did not reach tol={self.tol} in max_hvps={self.max_hvps} HVPs")
+            raise plumb.EstimateSkipped(f"Lanczos did not certify the top {self.top_k} to tol={self.tol} in max_hvps={self.max_hvps} HVPs")
         vectors = [res.eigenvectors] + ([res.min_vector[None]] if res.min_vector is not None else [])
         self._warm_vectors = torch.cat(vectors).detach()
         self._top_values = res.eigenvalues
         metrics["hessian/lambda_max"] = float(res.eigenvalues[0])
-        if self.lambda_min:
-            metrics["hessian/lambda_min"] = res.lambda_min
-        for i, value in enumerate(res.eigenvalues.tolist(), start=1):
+        metrics["hessian/lambda_max_error"] = float(res.error_bounds[0])
+        for i, (value, bound) in enumerate(zip(res.eigenvalues.tolist(), res.error_bounds.tolist()), start=1):
             metrics[f"hessian/eig_{i}"] = value
+            metrics[f"hessian/eig_{i}_error"] = bound
+        if self.lambda_min and res.lambda_min_converged:
+            metrics["hessian/lambda_min"] = res.lambda_min
+            metrics["hessian/lambda_min_error"] = res.lambda_min_error
+        elif self.lambda_min:
+            self._warn("lambda_min", f"lambda_min not certified to lambda_min_tol={self.lambda_min_tol} in max_hvps={self.max_hvps} "
+                       "HVPs: not logged (the top eigenvalues are)")
         return float(res.eigenvalues[0])
 
     # ------------------------------------------------------------------ checkpoint

@@ -7,7 +7,7 @@ from chaos_callbacks.curvature.drift import (
     stability_regime,
 )
 from chaos_callbacks.curvature.hvp import HessianOperator, NoTrainableParametersError, flatten, unflatten
-from chaos_callbacks.curvature.lanczos import LanczosResult, PowerResult, lanczos, power_iteration
+from chaos_callbacks.curvature.lanczos import LanczosResult, PowerResult, lanczos, power_iteration, random_start_failure_bound
 from chaos_callbacks.curvature.lyapunov_map import LyapunovMapResult, lyapunov_map_lambda_max
 from chaos_callbacks.curvature.trace import TraceEstimate, hutchinson_trace
 
@@ -26,6 +26,7 @@ __all__ = [
     "lyapunov_map_lambda_max",
     "power_iteration",
     "principal_flow_coefficients",
+    "random_start_failure_bound",
     "spectral_density",
     "stability_regime",
     "unflatten",

@@ -15,12 +15,13 @@ as used for neural-network Hessians by Ghorbani, Krishnan & Xiao (ICML 2019) and
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from chaos_callbacks.curvature.lanczos import KrylovBasis, MatVec, tridiagonal
+from chaos_callbacks.curvature.lanczos import MatVec, orthogonalize, tridiagonal
 
 
 @dataclass(frozen=True)
@@ -34,22 +35,28 @@ class SpectralDensity:
     num_matvecs: int
 
 
-def lanczos_quadrature(matvec: MatVec, v: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-    """Gauss quadrature nodes and weights of the spectral measure of ``H`` seen from unit ``v``."""
-    basis = KrylovBasis(steps, v.numel(), v.dtype, v.device)
-    basis.append(v / v.norm())
+def lanczos_quadrature(matvec: MatVec, v: Tensor, steps: int, window: int = 20) -> tuple[Tensor, Tensor]:
+    """Gauss quadrature nodes and weights of the spectral measure of ``H`` seen from unit ``v``.
+
+    Only the tridiagonal is needed, so each new Lanczos vector is reorthogonalised against the last
+    ``window`` vectors alone (memory ``window + 2`` vectors of ``n``). The loss of orthogonality to
+    older vectors makes converged Ritz values reappear ("ghosts"); the quadrature stays accurate
+    because the ghosts split the weight of the value they copy (Greenbaum 1989; Meurant & Strakoš 2006).
+    """
+    recent: deque[Tensor] = deque(maxlen=window)
+    q = v / v.norm()
     alphas: list[float] = []
     betas: list[float] = []
     for step in range(steps):
-        q = basis.vectors[step]
         w = matvec(q).to(v.dtype)
-        alphas.append(float(torch.dot(w.double(), q.double())))
-        w = basis.orthogonalize(w)
-        beta = float(w.double().norm())
+        recent.append(q)
+        coeffs = orthogonalize(w, list(recent))
+        alphas.append(float(coeffs[-1]))
+        beta = float(w.norm())
         if step == steps - 1 or beta <= 1e-10 * max(abs(a) for a in alphas):
             break
         betas.append(beta)
-        basis.append(w / beta)
+        q = w / beta
     nodes, vecs = torch.linalg.eigh(tridiagonal(alphas, betas))
     return nodes, vecs[0, :] ** 2
 
