@@ -223,7 +223,7 @@ class HessianSpectrumMonitor(Callback):
             self._warm_vectors = res.vector[None]
             metrics["hessian/lambda_max"] = res.lambda_max
             # certified bound of the lyapunov_map rewrite (getattr until that branch is merged)
-            metrics["hessian/lambda_max_error"] = getattr(res, "error_bound", None)
+            metrics["hessian/lambda_max_error"] = res.error_bound
             return res.lambda_max
         res = lanczos(op, op.dim, k=self.top_k, want_min=self.lambda_min, tol=self.tol, min_tol=self.lambda_min_tol,
                       max_matvecs=self.max_hvps, init=init, **kw)

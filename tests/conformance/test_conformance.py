@@ -340,7 +340,7 @@ def _twin_with_start(callbacks: list[Callback]) -> list[Callback]:
 
 
 # ------------------------------------------------------------------------------ the matrix
-EXACT_H = {"tol": 1e-6, "max_hvps": 200}
+EXACT_H = {"tol": 1e-5, "max_hvps": 200}  # float32 residuals floor near 1e-6·λ_max; the values are far closer (error ≈ r²/gap)
 TINY_LM = {"d_model": 4, "layers": 1}  # 670 parameters: a dense Hessian in ~2 s
 
 CELLS: list[Cell] = [
@@ -393,7 +393,7 @@ CELLS: list[Cell] = [
          options={"T": {"renormalize_every": 4}}, trainer_kwargs={"precision": "64-true", "gradient_clip_val": 0.5},
          steps=8, capture=(0,), extra=_twin_with_start, exact=check_linear_twin_clipping),
     Cell("collecting", "frozen_groups", ("C",), "λ_max(R^½HR^½) vs dense float64 Hessian, lr = 1/λ per group ratio",
-         options={"C": {"tol": 1e-6, "max_hvps": 200}}, module_kwargs={"dropout": 0.0}, capture=(0, 1), exact=check_groups_curvature_lr),
+         options={"C": {"tol": 1e-5, "max_hvps": 200}}, module_kwargs={"dropout": 0.0}, capture=(0, 1), exact=check_groups_curvature_lr),
     Cell("collecting", "plateau", ("H", "T", "G"), "ReduceLROnPlateau on val_loss: scheduler state and validation logs untouched",
          steps=8),
     Cell("collecting", "plateau", ("C",), "refused: ValueError naming CurvatureLRScheduler (ReduceLROnPlateau) before the first step",
@@ -410,12 +410,12 @@ CELLS: list[Cell] = [
     Cell("linear", "f64", ("H",), "64-true: λ_max, λ_min = extreme eigenvalues of (2/N)ZᵀZ (rel 1e-6)",
          options={"H": EXACT_H}, capture=(0,), exact=check_linear_spectrum),
     Cell("linear", "f64", ("C",), "quasi-Newton rate = 1/λ_max(H) exactly (quadratic), and the optimizer uses it",
-         options={"C": {"tol": 1e-8}}, capture=(0, 1), exact=check_linear_curvature_lr),
+         options={"C": {"tol": 1e-5}}, capture=(0, 1), exact=check_linear_curvature_lr),
     Cell("linear", "compile", ("T",), "torch.compile(aot_eager), 64-true, explicit ε: exact linear-map recursion of the twin",
          options={"T": {"renormalize_every": 4, "epsilon": 1e-6}}, trainer_kwargs={"precision": "64-true"}, steps=8, capture=(0,),
          extra=_twin_with_start, exact=check_linear_twin),
     Cell("linear", "compile", ("C",), "torch.compile(aot_eager) × curvature rate: 1/λ_max(H) exactly",
-         options={"C": {"tol": 1e-8}}, capture=(0, 1), exact=check_linear_curvature_lr),
+         options={"C": {"tol": 1e-5}}, capture=(0, 1), exact=check_linear_curvature_lr),
     Cell("linear", "diverging", ("T",), "SGD lr 1e3 overflows to inf/NaN: no crash, reseeds counted, NaN-identical main run",
          steps=12, exact=check_diverged),
 ]
