@@ -78,7 +78,7 @@ def median_of(logger: MemoryLogger, key: str) -> float:
     return statistics.median(logger.series(key).values())
 
 
-GLOBAL_TAGS = {"alpha", "alpha_stderr", "scale", "llr_gauss", "vuong_p", "llr_student_t", "vuong_p_student_t", "zero_fraction", "zero_fraction_stderr", "skipped"}
+GLOBAL_TAGS = {"alpha", "alpha_stderr", "scale", "scale_stderr", "llr_gauss_stderr", "llr_student_t_stderr", "llr_gauss", "vuong_p", "llr_student_t", "vuong_p_student_t", "zero_fraction", "zero_fraction_stderr", "skipped"}
 LAYER_QUANTITIES = ("alpha", "alpha_stderr", "zero_fraction", "zero_fraction_stderr")
 
 
