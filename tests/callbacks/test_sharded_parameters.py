@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -21,9 +20,8 @@ from tests.lightning_helpers import TinyNet, loader, trainer
 def one_process_mesh() -> Iterator[object]:
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # an in-process store: no port, no environment variables left behind for later DDP tests
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield init_device_mesh("cpu", (1,))
     finally:
