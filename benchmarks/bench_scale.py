@@ -100,6 +100,26 @@ def quiet() -> None:
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def start_process(threads: int) -> tuple[Any, Any, Any]:
+    """Re-exec with the fixed malloc environment, then import Lightning, torch and ``chaos_callbacks``
+    (from ``sys.path``) with ``threads`` intra-op threads and Lightning's banners silenced."""
+    reexec_with_malloc_env(threads)
+    import lightning.pytorch as pl
+    import torch
+
+    torch.set_num_threads(threads)
+    cc = import_chaos_callbacks()
+    quiet()
+    return pl, torch, cc
+
+
+def write_report(text: str, out: Path | None) -> None:
+    """Write the Markdown report to ``out`` too, when given."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
 def statm() -> tuple[int, int]:
     """(virtual, resident) bytes of this process."""
     with open("/proc/self/statm") as f:
@@ -568,14 +588,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: CPU-time clock)")
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown report here")
     args = parser.parse_args()
-    reexec_with_malloc_env(args.threads)
-
-    import lightning.pytorch as pl
-    import torch
-
-    torch.set_num_threads(args.threads)
-    cc = import_chaos_callbacks()
-    quiet()
+    pl, torch, cc = start_process(args.threads)
     commit = subprocess.run(["git", "-C", str(Path(cc.__file__).parent), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     header = (f"## bench_scale — chaos_callbacks from {Path(cc.__file__).parent.parent} ({commit or 'no git'}); torch "
@@ -597,9 +610,7 @@ def main() -> None:
                 print("  " + " | ".join(fmt(c) for c in table_row(rows[-1])) + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     report = header + "\n" + markdown(HEADERS, [table_row(r) for r in rows]) + f"\n\nTotal {time.perf_counter() - start:.0f} s.\n"
     print("\n" + report, flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

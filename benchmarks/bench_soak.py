@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import math
 import sys
 import time
@@ -33,7 +32,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_scale's helpers, next to this file
 
-from bench_scale import fmt, import_chaos_callbacks, lightning_task, markdown, quiet, reexec_with_malloc_env, rss_bytes  # noqa: E402
+from bench_scale import (  # noqa: E402
+    checkpoint_bytes,
+    fmt,
+    import_chaos_callbacks,
+    lightning_task,
+    markdown,
+    rss_bytes,
+    start_process,
+    write_report,
+)
 
 NAMES = ("monitor", "twin", "lr", "diffusion", "tails")
 SHORT = {"monitor": "HessianSpectrumMonitor", "twin": "LyapunovTwinRun", "lr": "CurvatureLRScheduler",
@@ -57,14 +65,6 @@ def default_callback(name: str, diffusion_window: int | None = None) -> Any:
     if name == "diffusion" and diffusion_window is not None:
         return DiffusionTracker(window=diffusion_window)
     return classes[name]()
-
-
-def state_bytes(callback: Any) -> int:
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(callback.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
 
 
 def slope_per_10k(steps: list[int], values: list[float]) -> float:
@@ -102,7 +102,7 @@ def soak(names: list[str], args: argparse.Namespace) -> list[str]:
                 return
             gc.collect()
             now = time.perf_counter()
-            row = [step, rss_bytes() / 2**20, len(gc.get_objects())] + [state_bytes(callbacks[n]) for n in names]
+            row = [step, rss_bytes() / 2**20, len(gc.get_objects())] + [checkpoint_bytes(callbacks[n]) for n in names]
             rate = 1000 * (now - clock[0]) / args.every
             clock[0] = now
             samples.append([float(v) for v in row])
@@ -141,14 +141,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown report here")
     args = parser.parse_args()
-    reexec_with_malloc_env(args.threads)
-
-    import lightning.pytorch as pl
-    import torch
-
-    torch.set_num_threads(args.threads)
-    cc = import_chaos_callbacks()
-    quiet()
+    pl, torch, cc = start_process(args.threads)
     import warnings
 
     warnings.filterwarnings("ignore", ".*(skipped|later occurrences).*")
@@ -162,9 +155,7 @@ def main() -> None:
         report += ["", f"### {', '.join(SHORT[n] + '()' for n in group)}", ""] + soak(group, args)
     report.append(f"\nTotal {time.perf_counter() - start:.0f} s.")
     print(report[-1], flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(report) + "\n")
+    write_report("\n".join(report) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -186,9 +186,7 @@ def main() -> None:
     report.append(f"\nTotal {time.perf_counter() - start:.0f} s.")
     text = "\n".join(report) + "\n"
     print("\n" + text, flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    bs.write_report(text, args.out)
 
 
 if __name__ == "__main__":
