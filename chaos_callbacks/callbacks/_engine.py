@@ -57,8 +57,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,20 +204,6 @@ class Shared:
         if channel.grad_curvature is None:
             channel.grad_curvature = (gradient_weighted_curvature(self.operator, self.operator.gradient),)
         return channel.grad_curvature[0]
-
-
-@contextmanager
-def overriding(obj: Any, **values: Any) -> Iterator[None]:
-    """Set attributes of ``obj`` for the duration of the block (e.g. a producer's tolerance and budget
-    raised to the strictest need it serves), restored afterwards."""
-    saved = {name: getattr(obj, name) for name in values}
-    try:
-        for name, value in values.items():
-            setattr(obj, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(obj, name, value)
 
 
 def _same_batches(a: Any, b: Any) -> bool:

@@ -201,10 +201,11 @@ class HessianSpectrumMonitor(Callback):
             raise plumb.EstimateSkipped(f"non-finite probe loss or gradient (loss={op.loss})")
         kw = dict(generator=generator, dtype=op.dtype, device=op.device)
         metrics: dict[str, float] = {}
+        # the solve serves the strictest consumer of the same operator (its tolerance and budget)
         need = shared.top_need()
-        stricter = {} if need is None else dict(tol=min(self.tol, need.tol), max_hvps=max(self.max_hvps, need.max_hvps))
-        with _engine.overriding(self, **stricter):
-            lam_max = self._eigen(op, metrics, kw)
+        tol = self.tol if need is None else min(self.tol, need.tol)
+        max_hvps = self.max_hvps if need is None else max(self.max_hvps, need.max_hvps)
+        lam_max = self._eigen(op, metrics, kw, tol, max_hvps)
         if lam_max is not None:
             self._publish(shared, metrics)
         eigen = [v for k, v in metrics.items() if k in ("hessian/lambda_max", "hessian/lambda_dominant")]
@@ -236,34 +237,34 @@ class HessianSpectrumMonitor(Callback):
         vectors = self._warm_vectors[: len(values)] if isinstance(self._warm_vectors, torch.Tensor) else None
         shared.publish_top(_engine.TopSolve(values, errors, vectors))
 
-    def _eigen(self, op: HessianOperator, metrics: dict[str, float], kw: dict[str, Any]) -> float | None:
-        """Eigenvalue estimates with their certified ``_error`` bounds; returns ``λ_max`` (``None`` for power).
+    def _eigen(self, op: HessianOperator, metrics: dict[str, float], kw: dict[str, Any], tol: float, max_hvps: int) -> float | None:
+        """Eigenvalue estimates to ``tol`` within ``max_hvps`` products, with their certified ``_error``
+        bounds; returns ``λ_max`` (``None`` for power).
 
         Bounds are rigorous given the index assumption of :mod:`chaos_callbacks.curvature.lanczos`
         (the random part of every start vector makes it hold with high probability).
         """
         init = self._warm_vectors if self.warm_start else None
         if self.method == "power":
-            res = power_iteration(op, op.dim, tol=self.tol, max_matvecs=self.max_hvps, init=init, **kw)
+            res = power_iteration(op, op.dim, tol=tol, max_matvecs=max_hvps, init=init, **kw)
             if not res.converged:
-                raise plumb.EstimateSkipped(f"power iteration did not converge in {self.max_hvps} HVPs")
+                raise plumb.EstimateSkipped(f"power iteration did not converge in {max_hvps} HVPs")
             self._warm_vectors = res.eigenvector[None]
             metrics["hessian/lambda_dominant"] = res.eigenvalue
             metrics["hessian/lambda_dominant_error"] = res.error_bound
             return None
         if self.method == "lyapunov":
-            res = lyapunov_map_lambda_max(op, op.dim, tol=self.tol, max_matvecs=self.max_hvps, init=init, **kw)
+            res = lyapunov_map_lambda_max(op, op.dim, tol=tol, max_matvecs=max_hvps, init=init, **kw)
             if not res.converged:
-                raise plumb.EstimateSkipped(f"the Lyapunov-map estimate did not converge in {self.max_hvps} HVPs")
+                raise plumb.EstimateSkipped(f"the Lyapunov-map estimate did not converge in {max_hvps} HVPs")
             self._warm_vectors = res.vector[None]
             metrics["hessian/lambda_max"] = res.lambda_max
-            # certified bound of the lyapunov_map rewrite (getattr until that branch is merged)
             metrics["hessian/lambda_max_error"] = res.error_bound
             return res.lambda_max
-        res = lanczos(op, op.dim, k=self.top_k, want_min=self.lambda_min, tol=self.tol, min_tol=self.lambda_min_tol,
-                      max_matvecs=self.max_hvps, init=init, **kw)
+        res = lanczos(op, op.dim, k=self.top_k, want_min=self.lambda_min, tol=tol, min_tol=self.lambda_min_tol,
+                      max_matvecs=max_hvps, init=init, **kw)
         if not res.converged:
-            raise plumb.EstimateSkipped(f"Lanczos did not certify the top {self.top_k} to tol={self.tol} in max_hvps={self.max_hvps} HVPs")
+            raise plumb.EstimateSkipped(f"Lanczos did not certify the top {self.top_k} to tol={tol} in max_hvps={max_hvps} HVPs")
         vectors = [res.eigenvectors] + ([res.min_vector[None]] if res.min_vector is not None else [])
         self._warm_vectors = torch.cat(vectors).detach()
         self._top_values = res.eigenvalues
@@ -276,7 +277,7 @@ class HessianSpectrumMonitor(Callback):
             metrics["hessian/lambda_min"] = res.lambda_min
             metrics["hessian/lambda_min_error"] = res.lambda_min_error
         elif self.lambda_min:
-            self._warn("lambda_min", f"lambda_min not certified to lambda_min_tol={self.lambda_min_tol} in max_hvps={self.max_hvps} "
+            self._warn("lambda_min", f"lambda_min not certified to lambda_min_tol={self.lambda_min_tol} in max_hvps={max_hvps} "
                        "HVPs: not logged (the top eigenvalues are)")
         return float(res.eigenvalues[0])
 
