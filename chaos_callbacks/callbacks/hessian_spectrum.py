@@ -77,10 +77,12 @@ class HessianSpectrumMonitor(Callback):
         tol: relative tolerance of ``λ_max`` and the top-``k`` estimates (relative to ``λ_max``).
             Below ``64 u`` of the parameters' type (float32: ``7.6·10⁻⁶``) products cannot certify it:
             the monitor warns once, and Lanczos stops when its residuals stall at that floor.
-        max_hvps: budget of Hessian-vector products of each eigenvalue solve: the top ``k`` and, at
-            ``λ_min`` steps, ``λ_min``.
-        max_basis: parameter-sized vectors the Lanczos solver holds at most (default ``max(14,
-            2 top_k + 8)``); with the operator's temporaries and the warm vectors a default estimate
+        max_hvps: budget of Hessian-vector products of the top-``k`` solve per estimate.
+        lambda_min_max_hvps: budget of the ``λ_min`` solve (at ``λ_min`` steps): it needs about
+            ``(ln(1648 √n)/√lambda_min_tol + 1)/2`` HVPs — 70 at ``n = 2·10⁵``, 90 at ``n = 10⁹`` for the
+            default tolerance.
+        max_basis: parameter-sized vectors the Lanczos solver holds at most (default ``max(10,
+            2 top_k + 6)``); with the operator's temporaries and the warm vectors a default estimate
             peaks at ≤ 24 vectors (``benchmarks/bench_scale.py``). Smaller saves memory and costs
             restarts.
         checkpoint_warm_vectors: what ``state_dict`` keeps of the ``top_k`` warm-start vectors:
@@ -116,6 +118,7 @@ class HessianSpectrumMonitor(Callback):
         warm_start: bool = True,
         seed: int = 0,
         lambda_min_every_n_steps: int | None = None,
+        lambda_min_max_hvps: int = 150,
         max_basis: int | None = None,
         checkpoint_warm_vectors: WarmFormat = "full",
     ) -> None:
@@ -153,6 +156,7 @@ class HessianSpectrumMonitor(Callback):
                 f"got {lambda_min_every_n_steps}"
             )
         self.lambda_min_every_n_steps = min_every or 10 * self.every_n_steps
+        self.lambda_min_max_hvps = V.check_int(name, "lambda_min_max_hvps", lambda_min_max_hvps, minimum=1)
         self.max_basis = V.check_int(name, "max_basis", max_basis, minimum=2 * (self.top_k + 2), allow_none=True)
         self.checkpoint_warm_vectors = V.check_choice(name, "checkpoint_warm_vectors", checkpoint_warm_vectors, ("full", "half", "none"))
         self._warn = plumb.WarnOnce(type(self).__name__)
@@ -270,7 +274,7 @@ class HessianSpectrumMonitor(Callback):
                            "estimate; raise tol or train in float64")
         want_min = self.lambda_min and self._lambda_min_due()
         res = lanczos(op, op.dim, k=self.top_k, want_min=want_min, tol=self.tol, min_tol=self.lambda_min_tol,
-                      max_matvecs=self.max_hvps, min_max_matvecs=self.max_hvps, max_basis=self.max_basis,
+                      max_matvecs=self.max_hvps, min_max_matvecs=self.lambda_min_max_hvps, max_basis=self.max_basis,
                       init=init, **kw)
         if not res.converged:
             raise plumb.EstimateSkipped(f"Lanczos did not certify the top {self.top_k} to tol={self.tol} in max_hvps={self.max_hvps} "
@@ -286,8 +290,8 @@ class HessianSpectrumMonitor(Callback):
             metrics["hessian/lambda_min"] = res.lambda_min
             metrics["hessian/lambda_min_error"] = res.lambda_min_error
         elif want_min:
-            self._warn("lambda_min", f"lambda_min not certified to lambda_min_tol={self.lambda_min_tol} in max_hvps={self.max_hvps} "
-                       "HVPs: not logged (the top eigenvalues are)")
+            self._warn("lambda_min", f"lambda_min not certified to lambda_min_tol={self.lambda_min_tol} in "
+                       f"lambda_min_max_hvps={self.lambda_min_max_hvps} HVPs: not logged (the top eigenvalues are)")
         return float(res.eigenvalues[0])
 
     def _lambda_min_due(self) -> bool:

@@ -209,9 +209,10 @@ def test_checkpoint_warm_vectors_is_validated(bad):
 
 
 @pytest.mark.parametrize("kwargs", [dict(lambda_min_every_n_steps=3), dict(lambda_min_every_n_steps=0),
-                                    dict(lambda_min_every_n_steps=4.0), dict(max_basis=5, top_k=1), dict(max_basis=True)])
+                                    dict(lambda_min_every_n_steps=4.0), dict(max_basis=5, top_k=1), dict(max_basis=True),
+                                    dict(lambda_min_max_hvps=0), dict(lambda_min_max_hvps=None)])
 def test_lambda_min_cadence_and_max_basis_are_validated(kwargs):
-    with pytest.raises(ValueError, match="lambda_min_every_n_steps|max_basis"):
+    with pytest.raises(ValueError, match="lambda_min_every_n_steps|max_basis|lambda_min_max_hvps"):
         HessianSpectrumMonitor(every_n_steps=2, **kwargs)
 
 

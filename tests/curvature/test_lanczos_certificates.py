@@ -244,14 +244,23 @@ def test_warm_start_failure_bound_doubles_the_constant():
 
 
 def test_lambda_min_interval_contains_the_truth_over_many_random_starts():
-    # the Kuczyński–Woźniakowski interval on a worst-case-like spectrum (one value below a dense bulk)
-    n = 400
+    # the Kuczyński–Woźniakowski interval on a worst-case-like spectrum (one value below a dense bulk);
+    # n above SMALL_N: the three-vector run without reorthogonalisation
+    n = 1200
     evals = torch.cat([torch.tensor([-1.0], dtype=torch.float64), torch.linspace(-0.97, 1.0, n - 1, dtype=torch.float64)])
     for seed in range(40):
         res = lanczos(lambda v: evals * v, n, k=1, tol=1e-3, min_tol=1e-2, max_matvecs=400, dtype=torch.float64,
                       generator=torch.Generator().manual_seed(seed))
         assert res.lambda_min_converged
         assert res.lambda_min - res.lambda_min_error <= -1.0 <= res.lambda_min + 1e-12
+
+
+def test_small_dimensions_make_the_lambda_min_run_exact():
+    # n ≤ SMALL_N: the λ_min run keeps its basis, so after at most n products its space is R^n
+    evals = torch.cat([torch.tensor([-1.0, -0.999], dtype=torch.float64), torch.linspace(-0.99, 1.0, 58, dtype=torch.float64)])
+    A = conjugated(evals, 4)
+    res = lanczos(lambda v: A @ v, 60, k=1, tol=1e-3, min_tol=1e-9, max_matvecs=300, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert res.lambda_min_converged and res.lambda_min == pytest.approx(-1.0, abs=1e-12) and res.lambda_min_error <= 1e-9
 
 
 def test_stagnation_at_the_float32_floor_stops_early():
