@@ -40,8 +40,9 @@ SHORT = {"monitor": "HessianSpectrumMonitor", "twin": "LyapunovTwinRun", "lr": "
          "diffusion": "DiffusionTracker", "tails": "GradientTailFitter"}
 
 
-def default_callback(name: str) -> Any:
-    """The callback ``name`` with every argument at its default."""
+def default_callback(name: str, diffusion_window: int | None = None) -> Any:
+    """The callback ``name`` with every argument at its default (DiffusionTracker's ``window``
+    optionally shorter, so that a soak passes its bounded window history's cap many times)."""
     import_chaos_callbacks()
     from chaos_callbacks.callbacks.curvature_lr import CurvatureLRScheduler
     from chaos_callbacks.callbacks.diffusion_tracker import DiffusionTracker
@@ -53,6 +54,8 @@ def default_callback(name: str) -> Any:
                "diffusion": DiffusionTracker, "tails": GradientTailFitter}
     if name not in classes:
         raise SystemExit(f"unknown callback {name!r} (choose from {', '.join(classes)})")
+    if name == "diffusion" and diffusion_window is not None:
+        return DiffusionTracker(window=diffusion_window)
     return classes[name]()
 
 
@@ -84,7 +87,7 @@ def soak(names: list[str], args: argparse.Namespace) -> list[str]:
     net = nn.Sequential(nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 10))
     x, y = torch.randn(args.batch_size * 256, 32), torch.randint(10, (args.batch_size * 256,))
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-    callbacks = {name: default_callback(name) for name in names}
+    callbacks = {name: default_callback(name, args.diffusion_window) for name in names}
     samples: list[list[float]] = []
     headers = ["step", "RSS MiB", "Python objects"] + [f"{SHORT[n]} ckpt bytes" for n in names] + ["s/1000 steps"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -132,6 +135,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=2_000, help="report every this many steps")
     parser.add_argument("--callbacks", default=",".join(NAMES), help=f"from {', '.join(NAMES)}")
     parser.add_argument("--separate", action="store_true", help="one run per callback instead of all in one run")
+    parser.add_argument("--diffusion-window", type=int, default=None,
+                        help="DiffusionTracker(window=...) instead of its default 1000 (e.g. 100: its 100-window history cap is reached after 1e4 steps)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown report here")

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -78,6 +79,32 @@ class ManualTinyNet(TinyNet):
         opt.zero_grad()
         self.manual_backward(loss)
         opt.step()
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call as ``(step, metrics)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def series(self, key: str) -> dict[int | None, float]:
+        """``{step: value}`` of one tag."""
+        return {step: m[key] for step, m in self.rows if key in m}
 
 
 def loader(dataset: TensorDataset | None = None, batch_size: int = 16, shuffle: bool = True) -> DataLoader:

@@ -122,7 +122,20 @@ def user_module(pl_module: LightningModule) -> LightningModule:
 
 
 def check_loss_resolvable(pl_module: LightningModule, loss_fn: LossFn | None, owner: str) -> None:
-    """Raise ``ValueError`` at fit start when no loss can be derived for ``pl_module``."""
+    """Raise ``ValueError`` at fit start when no loss, or no gradient of it, can be derived for ``pl_module``.
+
+    Sharded parameters (FSDP2's ``DTensor`` shards) are refused: the forward pass computes with
+    all-gathered copies, so ``torch.autograd.grad`` w.r.t. the shards finds them unused
+    (``docs/fsdp.md``).
+    """
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in pl_module.parameters()):
+        raise ValueError(
+            f"{owner}: the module's parameters are sharded (DTensor, e.g. FSDP); its estimates differentiate "
+            "w.r.t. the parameters with torch.autograd.grad, which sharded parameters do not support yet "
+            "(see docs/fsdp.md). Use DDP or a single device for this callback."
+        )
     if loss_fn is None and not pl_module.automatic_optimization:
         raise ValueError(
             f"{owner}: the module uses manual optimization, so its training_step steps the optimizer and "

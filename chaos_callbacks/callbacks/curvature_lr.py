@@ -13,9 +13,10 @@ from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from chaos_callbacks.callbacks import _engine
 from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks import _validation as V
-from chaos_callbacks.curvature import HessianOperator, NoTrainableParametersError, gradient_weighted_curvature, lanczos
+from chaos_callbacks.curvature import NoTrainableParametersError, gradient_weighted_curvature, lanczos
 from chaos_callbacks.curvature.lr_rules import (
     adam_preconditioner,
     adam_threshold,
@@ -100,8 +101,21 @@ class CurvatureLRScheduler(Callback):
     curvature. Adam has no preconditioner before its first step, so the estimate due at step 0
     is left out and the optimizer's own rate holds until the next one.
 
+    **Shared estimates.** The curvature is computed by the Trainer's curvature engine
+    (:mod:`~chaos_callbacks.callbacks._engine`) together with the other estimating callbacks due at
+    the same step: on the same probe, loss and mode they share one forward and first-order graph. When
+    the curvature is ``λ_max`` of the Hessian itself (SGD with one learning rate) and a
+    :class:`~chaos_callbacks.callbacks.hessian_spectrum.HessianSpectrumMonitor` (Lanczos or Lyapunov
+    map) estimates at the same step on the same probe, its solve runs at the stricter of the two
+    tolerances and budgets and this callback takes its ``λ_max`` — with no product of its own — when
+    the certified bound meets ``tol``; ``share=False`` always solves on its own, so that the rates do
+    not depend on which monitors are attached (the forward is still shared). The shared ``λ_max``
+    differs from the one this callback would find alone by at most the two certified bounds.
+
     Logs ``curvature_lr/lr`` (``η``), ``curvature_lr/lambda`` (the smoothed curvature in use) and
-    ``curvature_lr/skipped`` at every estimate step and when warm-up ends.
+    ``curvature_lr/skipped`` at every estimate step and when warm-up ends, and ``curvature_lr/hvps``
+    at every estimate step: the Hessian-vector products this callback took (0 when it reused another
+    callback's solve).
 
     Args:
         every_n_steps: cadence in optimizer steps (estimates run when ``global_step`` is a
@@ -118,7 +132,9 @@ class CurvatureLRScheduler(Callback):
             first ``N`` training examples drawn at fit start).
         tol: relative tolerance of the Lanczos ``λ_max``.
         max_hvps: budget of Hessian-vector products per Lanczos estimate.
-        warm_start: start each Lanczos run from the previous top Ritz vector.
+        warm_start: start each Lanczos run from the previous top Ritz vector (or the shared one).
+        share: reuse another callback's certified ``λ_max`` (or ``‖Hg‖/‖g‖``) of the same operator at
+            the same step (see above).
         seed: seed of the random Lanczos start vectors (same on every rank).
     """
 
@@ -138,6 +154,7 @@ class CurvatureLRScheduler(Callback):
         tol: float = 1e-2,
         max_hvps: int = 50,
         warm_start: bool = True,
+        share: bool = True,
         seed: int = 0,
     ) -> None:
         name = type(self).__name__
@@ -155,6 +172,7 @@ class CurvatureLRScheduler(Callback):
         self.tol = V.check_float(name, "tol", tol, 0, 1, low_open=True, high_open=True)
         self.max_hvps = V.check_int(name, "max_hvps", max_hvps, minimum=2)
         self.warm_start = V.check_bool(name, "warm_start", warm_start)
+        self.share = V.check_bool(name, "share", share)
         self.seed = V.check_int(name, "seed", seed, minimum=0)
         self.scheduler: HeldLR | None = None
         self._warn = plumb.WarnOnce(type(self).__name__)
@@ -205,20 +223,20 @@ class CurvatureLRScheduler(Callback):
         trainer.strategy.lr_scheduler_configs.append(LRSchedulerConfig(self.scheduler, interval="step"))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if isinstance(self.probe, int) and self._probe_batches is None:
-            self._probe_batches = plumb.draw_probe_batches(trainer, self.probe)
+        engine = _engine.engine_for(trainer)
+        engine.register(self)
+        if isinstance(self.probe, int):
+            self._probe_batches = engine.probe_set(trainer, self.probe, self._probe_batches)
 
     @plumb.contain_failures("curvature_lr")
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if step == self._last_step:  # later micro-batches of an accumulated step
             return
+        estimate = self._curvature_due(trainer, step)
         self._last_step = step
-        # Adam's preconditioner exists only after its first step: until then there is nothing to estimate
         optimizer = trainer.optimizers[0]
-        estimate = step % self.every_n_steps == 0 and (len(optimizer.state) > 0 or not isinstance(optimizer, (Adam, AdamW)))
-        if estimate:
-            self._update_curvature(trainer, pl_module, batch, batch_idx, step)
+        hvps = self._update_curvature(trainer, pl_module, batch, batch_idx, step) if estimate else None
         switch = step >= self.warmup_steps and (estimate or step == self.warmup_steps)
         if switch:
             self._eta = self._next_lr()
@@ -228,6 +246,7 @@ class CurvatureLRScheduler(Callback):
                 "curvature_lr/lr": max(float(g["lr"]) for g in optimizer.param_groups),
                 "curvature_lr/lambda": self._curvature,
                 "curvature_lr/skipped": float(self._warn.count),
+                "curvature_lr/hvps": None if hvps is None else float(hvps),
             }
             self.last_estimate = {k: v for k, v in metrics.items() if v is not None}
             plumb.log_scalars(trainer, pl_module, self.last_estimate, step, prog_bar=("curvature_lr/lr",))
@@ -274,18 +293,41 @@ class CurvatureLRScheduler(Callback):
         return lr if math.isfinite(lr) and lr > 0 else held
 
     # ------------------------------------------------------------------ estimate
-    def _update_curvature(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, step: int) -> None:
-        batches = [batch] if self._probe_batches is None else [plumb.to_device(trainer, b) for b in self._probe_batches]
+    def _update_curvature(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, step: int) -> int:
+        """Take this step's estimate from the engine into the smoothed curvature; returns the products it took."""
+        outcome = _engine.engine_for(trainer).estimate(self, trainer, pl_module, batch, batch_idx)
         try:
-            value = self._estimate(trainer, pl_module, batches, batch_idx)
+            value = outcome.get()
         except Exception as exc:  # any failure of a diagnostic estimate holds the rate; training goes on
             self._warn(type(exc).__name__, f"curvature estimate skipped at step {step}, learning rate held ({type(exc).__name__}: {exc})")
-            return
+            return outcome.hvps
         problem = curvature_problem(value)
         if problem is not None:
             self._warn(problem, f"{problem} ({value}) at step {step}, learning rate held")
-            return
+            return outcome.hvps
         self._curvature = ema(self._curvature, value, self.ema)
+        return outcome.hvps
+
+    def _curvature_due(self, trainer: Trainer, step: int) -> bool:
+        """Estimates run at multiples of ``every_n_steps``, once per optimizer step; Adam's preconditioner
+        exists only after its first step, so until then there is nothing to estimate."""
+        optimizer = trainer.optimizers[0]
+        adam_unstarted = isinstance(optimizer, (Adam, AdamW)) and len(optimizer.state) == 0
+        return step != self._last_step and step % self.every_n_steps == 0 and not adam_unstarted
+
+    def _curvature_request(self, trainer: Trainer, pl_module: LightningModule) -> _engine.Request:
+        """The Hessian in the optimizer's coordinates; its ``λ_max`` may come from a shared solve
+        when the step's scaling is the identity (``share``)."""
+        params, scale = self._coordinates(trainer.optimizers[0])
+        plain = self.share and scale is None and self.mode != "dal"
+        return _engine.Request(
+            compute=lambda shared: self._estimate(shared, scale),
+            params=params,
+            loss_fn=self.loss_fn,
+            probe=self._probe_batches,
+            train_mode=True,
+            top=_engine.TopNeed(self.tol, self.max_hvps) if plain else None,
+        )
 
     def _coordinates(self, optimizer: Optimizer) -> tuple[list[Tensor], Tensor | None]:
         """The optimizer's trainable parameters and the scaling ``S`` of its step (``None``: identity)."""
@@ -312,30 +354,31 @@ class CurvatureLRScheduler(Callback):
             return params, None
         return params, coordinate_scaling(params, ratios, preconditioners)
 
-    def _estimate(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any], batch_idx: int) -> float | None:
+    def _estimate(self, shared: _engine.Shared, scale: Tensor | None) -> float | None:
+        """The curvature on the step's shared operator (inside ``no_harm``), in the coordinates ``θ = S θ'``."""
         generator = torch.Generator().manual_seed(self.seed + self._num_estimates)
         self._num_estimates += 1
-        params, scale = self._coordinates(trainer.optimizers[0])
-        sizes = [plumb.batch_size_of(b) for b in batches]
-        with plumb.no_harm(pl_module, second_order=True):
-            closures = [(lambda b=b: plumb.compute_loss(pl_module, b, self.loss_fn, batch_idx)) for b in batches]
-            op = HessianOperator(params, closures, [s / sum(sizes) for s in sizes], reduce=plumb.mean_reducer(trainer))
-            if not plumb.is_finite(op.loss) or not torch.isfinite(op.gradient).all():
-                raise plumb.EstimateSkipped(f"non-finite probe loss or gradient (loss={op.loss})")
-            matvec = op if scale is None else scaled_operator(op, scale)
-            if self.mode == "dal":
-                gradient = op.gradient if scale is None else scale * op.gradient
-                value = gradient_weighted_curvature(matvec, gradient)
-            else:
-                init = self._warm_vectors if self.warm_start else None
-                res = lanczos(matvec, op.dim, k=1, want_min=False, tol=self.tol, max_matvecs=self.max_hvps,
-                              init=init, generator=generator, dtype=op.dtype, device=op.device)
-                if not res.converged:
-                    raise plumb.EstimateSkipped(f"Lanczos did not reach tol={self.tol} in max_hvps={self.max_hvps} HVPs")
-                self._warm_vectors = res.eigenvectors.detach()
-                value = float(res.eigenvalues[0])
-            op.release()
-        return value
+        op = shared.operator
+        if not plumb.is_finite(op.loss) or not torch.isfinite(op.gradient).all():
+            raise plumb.EstimateSkipped(f"non-finite probe loss or gradient (loss={op.loss})")
+        if self.mode == "dal":
+            if scale is None:
+                return shared.grad_curvature() if self.share else gradient_weighted_curvature(op, op.gradient)
+            return gradient_weighted_curvature(scaled_operator(op, scale), scale * op.gradient)
+        if scale is None and self.share:
+            top = shared.top()
+            if top is not None and top.meets(_engine.TopNeed(self.tol, self.max_hvps)):
+                if top.vectors is not None:
+                    self._warm_vectors = top.vectors[:1].detach().clone()
+                return top.values[0]
+        matvec = op if scale is None else scaled_operator(op, scale)
+        init = self._warm_vectors if self.warm_start else None
+        res = lanczos(matvec, op.dim, k=1, want_min=False, tol=self.tol, max_matvecs=self.max_hvps,
+                      init=init, generator=generator, dtype=op.dtype, device=op.device)
+        if not res.converged:
+            raise plumb.EstimateSkipped(f"Lanczos did not reach tol={self.tol} in max_hvps={self.max_hvps} HVPs")
+        self._warm_vectors = res.eigenvectors.detach()
+        return float(res.eigenvalues[0])
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -82,8 +82,10 @@ class DiffusionTracker(Callback):
       one power law (``diffusion/crossover_pvalue`` < ``crossover_level``, always logged);
     - ``MSL(Δr) = ⟨(L_i − L_j)²⟩ ∝ Δr^{2H}``: ``diffusion/hurst`` (H of the loss along the path)
       with ``diffusion/hurst_stderr`` (block jackknife);
-    - contour length ``∝ R^{d_f}``: ``diffusion/fractal_dim`` (2/α for a steady walk);
-    - ``diffusion/loss_variance`` (variance of the window's losses) and
+    - contour length ``∝ R^{d_f}``: ``diffusion/fractal_dim`` (2/α for a steady walk), fitted on
+      the exponent's lags, with ``diffusion/fractal_dim_stderr`` (delta method, MSD noise model);
+    - ``diffusion/loss_variance`` (variance of the window's losses) with
+      ``diffusion/loss_variance_stderr`` (delete-a-block jackknife, 8 blocks), and
       ``diffusion/temperature``, the window mean of the SGD temperature ``η/(2B)`` (Chaudhari &
       Soatto 2018) with ``η`` the first param group's learning rate at the step and ``B`` the
       global batch size of the step (micro-batches × world size); omitted for an optimizer

@@ -196,10 +196,11 @@ class GradientTailFitter(Callback):
     batches that stepped; ``trainer.global_step`` before the update when there is one optimizer):
     ``grad_tail/alpha`` (also to the progress bar) and ``grad_tail/alpha_stderr`` (its standard
     error as an estimate from the sampled entries: delta method for the quantile estimator,
-    observed information for ``mle``), ``grad_tail/scale``, ``grad_tail/llr_gauss`` and
-    ``grad_tail/vuong_p`` (mean per-entry log-likelihood ratio stable − Gaussian, > 0 favours the
-    stable law, and the two-sided Vuong p-value), ``grad_tail/llr_student_t`` and
-    ``grad_tail/vuong_p_student_t`` (the same against the Student t), ``grad_tail/zero_fraction``
+    observed information for ``mle``), ``grad_tail/scale`` and ``grad_tail/scale_stderr``,
+    ``grad_tail/llr_gauss`` (with ``_stderr``) and ``grad_tail/vuong_p`` (mean per-entry
+    log-likelihood ratio stable − Gaussian, > 0 favours the stable law, and the two-sided Vuong
+    p-value), ``grad_tail/llr_student_t`` (with ``_stderr``) and ``grad_tail/vuong_p_student_t``
+    (the same against the Student t), ``grad_tail/zero_fraction``
     and ``grad_tail/zero_fraction_stderr``; per layer ``grad_tail/<layer>/alpha``,
     ``grad_tail/<layer>/alpha_stderr``, ``grad_tail/<layer>/zero_fraction`` and
     ``grad_tail/<layer>/zero_fraction_stderr``; ``grad_tail/skipped`` (skipped estimates so far: no
@@ -413,6 +414,9 @@ class GradientTailFitter(Callback):
             f"{tag}alpha": tails.fit.alpha,
             f"{tag}alpha_stderr": tails.fit.alpha_stderr,
             f"{tag}scale": tails.fit.scale,
+            f"{tag}scale_stderr": tails.fit.scale_stderr,
+            f"{tag}llr_gauss_stderr": tails.gaussian.llr_stderr,
+            f"{tag}llr_student_t_stderr": tails.student_t.llr_stderr,
             f"{tag}llr_gauss": tails.gaussian.llr,
             f"{tag}vuong_p": tails.gaussian.p_value,
             f"{tag}llr_student_t": tails.student_t.llr,

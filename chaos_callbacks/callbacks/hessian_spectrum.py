@@ -8,11 +8,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from chaos_callbacks.callbacks import _engine
 from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks import _validation as V
 from chaos_callbacks.curvature import (
     HessianOperator,
-    gradient_weighted_curvature,
     hutchinson_trace,
     lanczos,
     lyapunov_map_lambda_max,
@@ -58,18 +58,21 @@ class HessianSpectrumMonitor(Callback):
             of the first ``N`` training examples drawn at fit start (same examples every
             estimate, so curves are comparable over time).
         method: ``"lanczos"``, ``"power"`` or ``"lyapunov"``.
-        lambda_min: also estimate the most negative eigenvalue (Lanczos only), once every
-            ``lambda_min_every_n_steps``: ``hessian/lambda_min`` is an upper bound (a Rayleigh quotient)
-            and ``hessian/lambda_min_error`` its distance to a lower bound that holds with probability
-            ``≥ 1 − 10⁻³`` (Kuczyński–Woźniakowski: a run from a random start, ~70–90 HVPs at the default
-            ``lambda_min_tol``, whatever the warm start; :mod:`chaos_callbacks.curvature.lanczos`).
+        lambda_min: also estimate the most negative eigenvalue (Lanczos only; off by default), once
+            every ``lambda_min_every_n_steps``: ``hessian/lambda_min`` is an upper bound (a Rayleigh
+            quotient) and ``hessian/lambda_min_error`` its distance to a lower bound that holds with
+            probability ``≥ 1 − 10⁻³`` (Kuczyński–Woźniakowski: a basis-free run from a random start,
+            ~70–90 HVPs at the default ``lambda_min_tol``, whatever the warm start;
+            :mod:`chaos_callbacks.curvature.lanczos`). It replaces a residual-based certificate that
+            failed on networks with a large near-null space (an MNIST ReLU MLP: ``λ_min ≈ 0`` reported
+            for a true ``−0.13``).
         lambda_min_tol: ``hessian/lambda_min_error ≤ lambda_min_tol · max(λ_max, |λ_min|)``.
         lambda_min_every_n_steps: cadence of ``λ_min``, a multiple of ``every_n_steps``; it is estimated
             at the last estimate of every window of that many steps (steps ``L − every_n_steps``,
             ``2L − every_n_steps``, ...), so the first, cold estimate costs about what ``λ_max`` alone
-            costs. Default ``10 × every_n_steps`` (step 1800, 3800, ... at the defaults): ``λ_min`` then
-            adds ~8–9 HVPs per estimate on average (MNIST MLPs) instead of dominating every one. ``every_n_steps``
-            gives ``λ_min`` at every estimate.
+            costs. Default ``10 × every_n_steps`` (steps 1800, 3800, ... at the defaults): ``λ_min`` then
+            adds ~8–9 HVPs per estimate on average (MNIST MLPs) instead of dominating every one;
+            ``every_n_steps`` gives ``λ_min`` at every estimate.
         trace: also estimate the trace; ``trace_samples`` Rademacher probes.
         density: also estimate the spectral density (``density_probes × density_steps`` HVPs)
             and log it as a TensorBoard figure.
@@ -107,7 +110,7 @@ class HessianSpectrumMonitor(Callback):
         loss_fn: plumb.LossFn | None = None,
         probe: Literal["batch"] | int = "batch",
         method: Method = "lanczos",
-        lambda_min: bool = True,
+        lambda_min: bool = False,
         lambda_min_tol: float = 1e-2,
         trace: bool = False,
         trace_samples: int = 20,
@@ -179,71 +182,99 @@ class HessianSpectrumMonitor(Callback):
         plumb.check_loss_resolvable(pl_module, self.loss_fn, type(self).__name__)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if isinstance(self.probe, int) and self._probe_batches is None:
-            self._probe_batches = plumb.draw_probe_batches(trainer, self.probe)
+        engine = _engine.engine_for(trainer)
+        engine.register(self)
+        if isinstance(self.probe, int):
+            self._probe_batches = engine.probe_set(trainer, self.probe, self._probe_batches)
 
     @plumb.contain_failures("hessian")
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps or step == self._last_step:
+        if not self._curvature_due(trainer, step):
             return
         self._last_step = step
-        batches = [batch] if self._probe_batches is None else [plumb.to_device(trainer, b) for b in self._probe_batches]
+        outcome = _engine.engine_for(trainer).estimate(self, trainer, pl_module, batch, batch_idx)
         try:
-            metrics = self._estimate(trainer, pl_module, batches, batch_idx)
+            metrics, density = outcome.get()
         except Exception as exc:  # any failure inside a diagnostic: skip, warn once per kind, count, go on
             self._warn(type(exc).__name__, f"Hessian estimate skipped at step {step} ({type(exc).__name__}: {exc})")
             plumb.log_scalars(trainer, pl_module, {"hessian/skipped": self._warn.count}, step)
             return
+        lr = plumb.current_lr(trainer)
+        if lr is not None and metrics.get("hessian/lambda_max") is not None:
+            metrics["hessian/sharpness_lr"] = lr * metrics["hessian/lambda_max"]
+        if density is not None:
+            from chaos_callbacks.plotting.hessian import spectral_density_figure
+
+            plumb.log_figure(trainer, "hessian/spectral_density", lambda: spectral_density_figure(density), step)
         self.last_estimate = metrics
         plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=("hessian/lambda_max",))
 
     # ------------------------------------------------------------------ estimate
-    def _operator(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any], batch_idx: int) -> HessianOperator:
-        params = plumb.trainable_parameters(pl_module)
-        sizes = [plumb.batch_size_of(b) for b in batches]
-        weights = [s / sum(sizes) for s in sizes]
-        closures = [
-            (lambda b=b: plumb.compute_loss(pl_module, b, self.loss_fn, batch_idx)) for b in batches
-        ]
-        return HessianOperator(params, closures, weights, reduce=plumb.mean_reducer(trainer))
+    def _curvature_due(self, trainer: Trainer, step: int) -> bool:
+        """An estimate runs at multiples of ``every_n_steps``, once per optimizer step."""
+        return step % self.every_n_steps == 0 and step != self._last_step
 
-    def _estimate(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any], batch_idx: int) -> dict[str, float]:
+    def _curvature_request(self, trainer: Trainer, pl_module: LightningModule) -> _engine.Request:
+        """The Hessian of the probe loss over every trainable parameter; a Lanczos or Lyapunov-map
+        ``λ_max`` is offered to consumers of the same operator (:mod:`~chaos_callbacks.callbacks._engine`)."""
+        return _engine.Request(
+            compute=lambda shared: self._estimate(trainer, shared),
+            params=plumb.trainable_parameters(pl_module),
+            loss_fn=self.loss_fn,
+            probe=self._probe_batches,
+            train_mode=self.hessian_mode == "train",
+            produces_top=self.method in ("lanczos", "lyapunov"),
+        )
+
+    def _estimate(self, trainer: Trainer, shared: _engine.Shared) -> tuple[dict[str, float], Any]:
+        """The estimate on the step's shared operator (inside ``no_harm``): metrics and the density (or ``None``).
+
+        ``hessian/hvps`` is the products this estimate took: its eigen-solve — run at the strictest
+        tolerance and largest budget of the consumers that reuse it, who then take none — the trace,
+        the density and ``‖Hg‖/‖g‖`` (unless another consumer of the operator computed it first).
+        """
         generator = torch.Generator().manual_seed(self.seed + self._num_estimates)
         self._num_estimates += 1
-        with plumb.no_harm(pl_module, train_mode=self.hessian_mode == "train", second_order=True):
-            op = self._operator(trainer, pl_module, batches, batch_idx)
-            if not plumb.is_finite(op.loss) or not torch.isfinite(op.gradient).all():
-                raise plumb.EstimateSkipped(f"non-finite probe loss or gradient (loss={op.loss})")
-            kw = dict(generator=generator, dtype=op.dtype, device=op.device)
-            metrics: dict[str, float] = {}
+        op = shared.operator
+        if not plumb.is_finite(op.loss) or not torch.isfinite(op.gradient).all():
+            raise plumb.EstimateSkipped(f"non-finite probe loss or gradient (loss={op.loss})")
+        kw = dict(generator=generator, dtype=op.dtype, device=op.device)
+        metrics: dict[str, float] = {}
+        need = shared.top_need()
+        stricter = {} if need is None else dict(tol=min(self.tol, need.tol), max_hvps=max(self.max_hvps, need.max_hvps))
+        with _engine.overriding(self, **stricter):
             lam_max = self._eigen(op, metrics, kw)
-            eigen = [v for k, v in metrics.items() if k in ("hessian/lambda_max", "hessian/lambda_dominant")]
-            if not bool(op.gradient.any()) and all(v == 0.0 for v in eigen):
-                raise plumb.EstimateSkipped("the probe loss is constant in the parameters (zero gradient and zero Hessian): "
-                                            "is it detached from the model?")
-            if self.trace:
-                deflate = {}
-                if self.method == "lanczos" and self._warm_vectors is not None:
-                    deflate = dict(deflate_vectors=self._warm_vectors[: self.top_k], deflate_values=self._top_values)
-                est = hutchinson_trace(op, op.dim, num_samples=self.trace_samples, **deflate, **kw)
-                metrics["hessian/trace"], metrics["hessian/trace_stderr"] = est.trace, est.stderr
-            density = self.density and trainer.global_step % self.density_every_n_steps == 0
-            if density:
-                dens = spectral_density(op, op.dim, num_probes=self.density_probes, steps=self.density_steps, **kw)
-            metrics["hessian/grad_curvature"] = gradient_weighted_curvature(op, op.gradient)
-            metrics["hessian/hvps"] = float(op.num_matvecs)
-            op.release()
+        if lam_max is not None:
+            self._publish(shared, metrics)
+        eigen = [v for k, v in metrics.items() if k in ("hessian/lambda_max", "hessian/lambda_dominant")]
+        if not bool(op.gradient.any()) and all(v == 0.0 for v in eigen):
+            raise plumb.EstimateSkipped("the probe loss is constant in the parameters (zero gradient and zero Hessian): "
+                                        "is it detached from the model?")
+        if self.trace:
+            deflate = {}
+            if self.method == "lanczos" and self._warm_vectors is not None:
+                deflate = dict(deflate_vectors=self._warm_vectors[: self.top_k], deflate_values=self._top_values)
+            est = hutchinson_trace(op, op.dim, num_samples=self.trace_samples, **deflate, **kw)
+            metrics["hessian/trace"], metrics["hessian/trace_stderr"] = est.trace, est.stderr
+        density = None
+        if self.density and trainer.global_step % self.density_every_n_steps == 0:
+            density = spectral_density(op, op.dim, num_probes=self.density_probes, steps=self.density_steps, **kw)
+        metrics["hessian/grad_curvature"] = shared.grad_curvature()
+        metrics["hessian/hvps"] = float(op.num_matvecs)
         if not plumb.is_finite(*[v for v in metrics.values() if v is not None]):
             raise plumb.EstimateSkipped(f"non-finite estimate {metrics}")
-        lr = plumb.current_lr(trainer)
-        if lr is not None and lam_max is not None:
-            metrics["hessian/sharpness_lr"] = lr * lam_max
-        if density:
-            from chaos_callbacks.plotting.hessian import spectral_density_figure
+        return {k: v for k, v in metrics.items() if v is not None}, density
 
-            plumb.log_figure(trainer, "hessian/spectral_density", lambda: spectral_density_figure(dens), trainer.global_step)
-        return {k: v for k, v in metrics.items() if v is not None}
+    def _publish(self, shared: _engine.Shared, metrics: dict[str, float]) -> None:
+        """Offer the certified top of the spectrum (values, bounds, Ritz vectors) to the step's other consumers."""
+        k = sum(1 for name in metrics if name.startswith("hessian/eig_") and not name.endswith("_error"))
+        names = [f"hessian/eig_{i}" for i in range(1, k + 1)] if k else ["hessian/lambda_max"]
+        if not all(name in metrics and f"{name}_error" in metrics for name in names):
+            return  # nothing certified to offer
+        values, errors = [metrics[name] for name in names], [metrics[f"{name}_error"] for name in names]
+        vectors = self._warm_vectors[: len(values)] if isinstance(self._warm_vectors, torch.Tensor) else None
+        shared.publish_top(_engine.TopSolve(values, errors, vectors))
 
     def _eigen(self, op: HessianOperator, metrics: dict[str, float], kw: dict[str, Any]) -> float | None:
         """Eigenvalue estimates with their certified ``_error`` bounds; returns ``λ_max`` (``None`` for power).

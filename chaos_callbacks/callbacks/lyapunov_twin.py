@@ -675,7 +675,11 @@ class LyapunovTwinRun(Callback):
 
     # ------------------------------------------------------------------ tangent mode
     def _tangent_products(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        """H v for every tangent vector, at the main weights on this micro-batch (the main step's dropout masks)."""
+        """H v for every tangent vector, at the main weights on this micro-batch (the main step's dropout masks).
+
+        Logs ``lyapunov/hvps`` at the step: the Hessian-vector products taken for it so far
+        (``n_twins`` per micro-batch).
+        """
         if not all(p.requires_grad for p in self._params):
             raise plumb.EstimateSkipped("a tracked parameter was frozen")
         scale = 1.0 / trainer.accumulate_grad_batches
@@ -690,6 +694,10 @@ class LyapunovTwinRun(Callback):
                 hv = unflatten(op.matvec(flatten(tangent.v)), tangent.v)
                 self._hv[i] = hv if self._hv[i] is None else [a + b for a, b in zip(self._hv[i], hv)]
             op.release()
+        step, before = getattr(self, "_step_hvps", (None, 0))
+        count = op.num_matvecs + (before if step == trainer.global_step else 0)
+        self._step_hvps = (trainer.global_step, count)
+        plumb.log_scalars(trainer, pl_module, {"lyapunov/hvps": float(count)}, trainer.global_step)
 
     def _tangent_step(self, trainer: Trainer, hyper: list[dict[str, Any]], step: int) -> dict[str, float]:
         try:

@@ -8,6 +8,12 @@ first-order graph: every probe batch is forwarded once, ``g_b = ∇L_b`` is buil
 forward pass is shared, dropout masks, augmentations and batch-norm batch statistics are
 identical across all products of one estimate — the operator is a fixed symmetric matrix.
 
+Several consumers of one operator (a monitor, a learning-rate scheduler) each take a
+:class:`HessianView`: the same cached graph seen in their own coordinates (a subset or reordering of
+the parameters, e.g. an optimizer's parameter groups), with their own product counter. A consumer
+that needs another operator built on ``H`` (a scaled ``S H S``, a preconditioned one) wraps its view
+(curvlinops and hessian-eigenthings v1 keep operators apart from algorithms in the same way).
+
 ``benchmarks/bench_hvp_backends.py`` compares this with ``torch.func`` forward-over-reverse
 (``jvp(grad(L))``), which recomputes forward and backward for every product.
 """
@@ -117,3 +123,85 @@ class HessianOperator:
     def release(self) -> None:
         """Free the cached first-order graphs."""
         self._graphs = []
+
+    def view(self, params: Sequence[Tensor]) -> HessianView:
+        """This operator in the coordinates of ``params`` (a subset or reordering of :attr:`params`)."""
+        return HessianView(self, params)
+
+
+class HessianView:
+    """The Hessian of a :class:`HessianOperator` seen in the coordinates of some of its parameters.
+
+    For parameters ``S`` (in their own order) the view applies the principal submatrix ``H_SS``:
+    ``v`` is zero-padded onto the other parameters, one product of the shared graph is taken and its
+    ``S`` entries are returned. The padding adds exact zeros, so ``H_SS v`` has the bits of an operator
+    built on ``S`` alone. When ``S`` is the operator's own parameter list, vectors pass through
+    without a copy.
+
+    Attributes:
+        num_matvecs: the products taken through this view (the operator's counter is the total).
+        dim, dtype, device: of the view's vectors.
+    """
+
+    def __init__(self, base: HessianOperator, params: Sequence[Tensor]) -> None:
+        offsets, offset = {}, 0
+        for p in base.params:
+            offsets[id(p)] = (offset, p.numel())
+            offset += p.numel()
+        missing = [tuple(p.shape) for p in params if id(p) not in offsets]
+        if missing:
+            raise ValueError(f"a view's parameters must be among the operator's; not there: shapes {missing}")
+        self.params = list(params)
+        if not self.params:
+            raise NoTrainableParametersError("a view needs at least one parameter")
+        self._base = base
+        self._segments = [offsets[id(p)] for p in self.params]
+        self._identity = [id(p) for p in self.params] == [id(p) for p in base.params]
+        self._gradient: Tensor | None = None
+        self.num_matvecs = 0
+        self.dim = sum(n for _, n in self._segments)
+        self.dtype, self.device = base.dtype, base.device
+
+    @property
+    def native(self) -> bool:
+        """The view's coordinates are the operator's own: vectors pass through without a copy."""
+        return self._identity
+
+    @property
+    def loss(self) -> float:
+        """The operator's probe loss."""
+        return self._base.loss
+
+    @property
+    def gradient(self) -> Tensor:
+        """The probe gradient restricted to the view's parameters."""
+        if self._gradient is None:
+            self._gradient = self.restrict(self._base.gradient)
+        return self._gradient
+
+    def restrict(self, full: Tensor) -> Tensor:
+        """The view's entries of a vector over all of the operator's parameters."""
+        if self._identity:
+            return full
+        return torch.cat([full[o : o + n] for o, n in self._segments])
+
+    def extend(self, v: Tensor) -> Tensor:
+        """A vector over all of the operator's parameters: ``v`` on the view's, zero elsewhere."""
+        if self._identity:
+            return v
+        full = torch.zeros(self._base.dim, dtype=self.dtype, device=self.device)
+        start = 0
+        for o, n in self._segments:
+            full[o : o + n] = v[start : start + n]
+            start += n
+        return full
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """Return ``H_SS v`` (one counted product here and on the operator)."""
+        if v.shape != (self.dim,):
+            raise ValueError(f"expected a vector of shape ({self.dim},), got {tuple(v.shape)}")
+        out = self.restrict(self._base.matvec(self.extend(v)))
+        self.num_matvecs += 1
+        return out
+
+    __call__ = matvec

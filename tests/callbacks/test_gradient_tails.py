@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from chaos_callbacks.callbacks.gradient_tails import GradientTailFitter, NonzeroSample, layer_name, sample_nonzero_entries, uniform_subset
+from chaos_callbacks.callbacks.gradient_tails import GradientTailFitter, layer_name, sample_nonzero_entries, uniform_subset
 from chaos_callbacks.dynamics.tails import mcculloch_alpha_stderr
-from tests.lightning_helpers import assert_identical_runs, fit_snapshot, random_classification, run_ddp, trainer
+from tests.lightning_helpers import MemoryLogger, assert_identical_runs, fit_snapshot, random_classification, run_ddp, trainer
 
 DIM = 20_000
 SCALE = 1e-3
@@ -65,31 +65,6 @@ class StableGradModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, fused=self.fused)
 
 
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call as (step, metrics)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def series(self, key: str) -> dict[int, float]:
-        return {step: m[key] for step, m in self.rows if key in m}
-
-
 def fit_stable(xi: torch.Tensor, fitter: GradientTailFitter, sizes=(DIM,), **kwargs) -> MemoryLogger:
     """Train StableGradModule on the rows of ``xi`` (one per batch, in order) and return the log."""
     logger = MemoryLogger()
@@ -103,7 +78,7 @@ def median_of(logger: MemoryLogger, key: str) -> float:
     return statistics.median(logger.series(key).values())
 
 
-GLOBAL_TAGS = {"alpha", "alpha_stderr", "scale", "llr_gauss", "vuong_p", "llr_student_t", "vuong_p_student_t", "zero_fraction", "zero_fraction_stderr", "skipped"}
+GLOBAL_TAGS = {"alpha", "alpha_stderr", "scale", "scale_stderr", "llr_gauss_stderr", "llr_student_t_stderr", "llr_gauss", "vuong_p", "llr_student_t", "vuong_p_student_t", "zero_fraction", "zero_fraction_stderr", "skipped"}
 LAYER_QUANTITIES = ("alpha", "alpha_stderr", "zero_fraction", "zero_fraction_stderr")
 
 

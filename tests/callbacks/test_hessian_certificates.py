@@ -54,7 +54,7 @@ def test_every_logged_value_is_certified_in_sgd_training(seed):
     # Regression: warm-started Lanczos with an r²/gap bound to an unconverged Ritz value logged
     # λ_max up to 28% (relative) off with tol=1e-3 on this 283-parameter tanh MLP (SGD, lr 0.1).
     data = random_classification(n=256, features=10, seed=seed)
-    monitor = HessianSpectrumMonitor(every_n_steps=4, top_k=2, tol=1e-3, lambda_min_every_n_steps=4)
+    monitor = HessianSpectrumMonitor(every_n_steps=4, top_k=2, tol=1e-3, lambda_min=True, lambda_min_every_n_steps=4)
     capture = fit(lambda: TinyNet(features=10, hidden=20, lr=0.1), monitor, data, steps=80, seed=seed)
     assert len(capture.logged) == 20
     assert all("hessian/lambda_min" in est for est in capture.logged.values())
@@ -86,7 +86,7 @@ class LinearInWeights(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-@pytest.mark.parametrize("kwargs", [dict(top_k=3, trace=True), dict(method="power")])
+@pytest.mark.parametrize("kwargs", [dict(top_k=3, trace=True, lambda_min=True), dict(method="power")])
 def test_a_zero_hessian_is_logged_as_zero(kwargs):
     monitor = HessianSpectrumMonitor(every_n_steps=1, lambda_min_every_n_steps=1, **kwargs)
     pl.seed_everything(0, verbose=False)
@@ -111,7 +111,7 @@ def test_error_tags_bound_the_exact_values(method):
     model = TinyNet().double()
     evals = torch.linalg.eigvalsh(exact_hessian(model.net, x, y))
     monitor = HessianSpectrumMonitor(every_n_steps=10, method=method, tol=1e-6, max_hvps=500, trace=True, trace_samples=50,
-                                     lambda_min_every_n_steps=10)
+                                     lambda_min=method == "lanczos", lambda_min_every_n_steps=10)
     trainer(callbacks=[monitor], max_steps=1, max_epochs=None).fit(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32))
     est = monitor.last_estimate
     if method == "power":
@@ -125,7 +125,7 @@ def test_error_tags_bound_the_exact_values(method):
 
 
 def test_lambda_min_runs_once_per_window_and_not_at_the_cold_estimate():
-    monitor = HessianSpectrumMonitor(every_n_steps=2, lambda_min_every_n_steps=6)
+    monitor = HessianSpectrumMonitor(every_n_steps=2, lambda_min=True, lambda_min_every_n_steps=6)
     seen = {}
 
     class Keep(pl.Callback):
@@ -143,7 +143,8 @@ def test_lambda_min_runs_once_per_window_and_not_at_the_cold_estimate():
 def resumed_estimates(tmp_path, fmt: str, resume: bool) -> tuple[dict[int, dict[str, float]], dict[int, torch.Tensor], int]:
     """Estimates every 2 steps over 4 epochs of 4 steps (float64 TinyNet), optionally resumed after epoch 2."""
     pl.seed_everything(0, verbose=False)
-    monitor = HessianSpectrumMonitor(every_n_steps=2, top_k=2, probe=16, checkpoint_warm_vectors=fmt, lambda_min_every_n_steps=4)
+    monitor = HessianSpectrumMonitor(every_n_steps=2, top_k=2, probe=16, checkpoint_warm_vectors=fmt, lambda_min=True,
+                                     lambda_min_every_n_steps=4)
     seen, exact = {}, {}
 
     class Keep(pl.Callback):

@@ -30,11 +30,12 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 from torchmetrics import Metric
 
 from tests.conformance.zoo_modules import ZOO, user_state
+from tests.lightning_helpers import MemoryLogger
 
 AREAS = ("hessian/", "lyapunov/", "curvature_lr/", "diffusion/", "grad_tail/")
 CALLBACK_NAMES = ("HessianSpectrumMonitor", "LyapunovTwinRun", "CurvatureLRScheduler", "DiffusionTracker", "GradientTailFitter")
@@ -56,28 +57,6 @@ class Setting:
 
 
 # ------------------------------------------------------------------------------- recording
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call as ``(step, metrics)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 def _rng_state() -> tuple[Tensor, Any, Any]:
     return torch.get_rng_state(), np.random.get_state(), random.getstate()
 

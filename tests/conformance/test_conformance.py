@@ -340,7 +340,7 @@ def _twin_with_start(callbacks: list[Callback]) -> list[Callback]:
 
 
 # ------------------------------------------------------------------------------ the matrix
-EXACT_H = {"tol": 1e-5, "max_hvps": 200}  # float32 residuals floor near 1e-6·λ_max; the values are far closer (error ≈ r²/gap)
+EXACT_H = {"tol": 1e-5, "max_hvps": 200, "lambda_min": True}  # float32 residuals floor near 1e-6·λ_max; the values are far closer (error ≈ r²/gap)
 TINY_LM = {"d_model": 4, "layers": 1}  # 670 parameters: a dense Hessian in ~2 s
 
 CELLS: list[Cell] = [

@@ -22,6 +22,7 @@ from chaos_callbacks.dynamics.diffusion import (
     fit_diffusion_exponent,
     fit_two_regime,
     log_spaced_lags,
+    loss_variance,
     mean_squared_loss_vs_distance,
     moving_variance,
     msd_log_derivative,
@@ -250,10 +251,12 @@ def test_analyse_window_matches_the_parts_and_is_fast() -> None:
     np.testing.assert_allclose(stats.msd, time_averaged_msd(X, stats.lags))
     assert stats.exponent == pytest.approx(fit_diffusion_exponent(stats.lags, stats.msd))
     assert stats.exponent == pytest.approx(1.0, abs=0.1)
-    assert stats.fractal_dim == pytest.approx(trajectory_fractal_dimension(X, stats.lags))
+    assert stats.fractal_dim == pytest.approx(trajectory_fractal_dimension(X, stats.lags[stats.lags <= stats.fit_max_lag]))
     assert stats.hurst == pytest.approx(mean_squared_loss_vs_distance(X, losses, rng=0)[2])
     assert stats.loss_variance == pytest.approx(np.var(losses))
-    assert stats.t_w == 500 and set(stats.scalars()) >= {"exponent", "hurst", "crossover"}
+    assert (stats.loss_variance, stats.loss_variance_stderr) == loss_variance(losses)
+    assert stats.t_w == 500 and set(stats.scalars()) >= {"exponent", "hurst", "crossover", "fractal_dim_stderr", "loss_variance_stderr"}
+    assert 0 < stats.fractal_dim_stderr < 0.1 and 0 < stats.loss_variance_stderr < stats.loss_variance
     with pytest.raises(ValueError):
         stats.msd[0] = 0.0  # read-only
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -17,6 +18,7 @@ from chaos_callbacks.dynamics.tails import (
     fit_student_t,
     fit_symmetric_stable,
     mcculloch_alpha_stderr,
+    mcculloch_scale_stderr,
     stable_vs_gaussian,
     stable_vs_student_t,
     student_t_logpdf,
@@ -235,6 +237,7 @@ def test_identical_models_give_zero_statistic() -> None:
     fit = StableFit(alpha=2.0, scale=sigma / math.sqrt(2), loc=float(np.mean(x)), method="mle", n=N)
     test = stable_vs_gaussian(x, fit)
     assert abs(test.llr) < 1e-9
+    assert test.llr_stderr < 1e-5  # only the Gaussian's refit without one sample moves llr, by O(1/n^2)
     assert abs(test.vuong_statistic) < 1e-3 and test.p_value > 0.99
 
 
@@ -244,10 +247,20 @@ def test_identical_models_give_zero_statistic() -> None:
 STDERR_ALPHAS = (1.2, 1.5, 1.8)
 
 
+@lru_cache(maxsize=None)
+def stable_fits(alpha: float, method: str, seeds: int) -> tuple[StableFit, ...]:
+    """Fits of S(alpha, 0, 1e-3, 0) samples of n = 5000, seeds 100, 101, ..."""
+    return tuple(fit_symmetric_stable(stable_sample(alpha, 1e-3, 100 + s), method=method) for s in range(seeds))
+
+
 def spread_and_stderr(alpha: float, method: str, seeds: int) -> tuple[float, float]:
     """(sample sd of alpha_hat over seeds, mean reported alpha_stderr), n = 5000 each."""
-    fits = [fit_symmetric_stable(stable_sample(alpha, 1e-3, 100 + s), method=method) for s in range(seeds)]
+    fits = stable_fits(alpha, method, seeds)
     return float(np.std([f.alpha for f in fits], ddof=1)), float(np.mean([f.alpha_stderr for f in fits]))
+
+
+def rms(values: list[float] | np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(values))))
 
 
 @pytest.mark.parametrize("alpha", STDERR_ALPHAS)
@@ -266,6 +279,48 @@ def test_mle_stderr_matches_spread_over_seeds(alpha: float) -> None:
     assert 1 / 1.5 < stderr / spread < 1.5, (spread, stderr)
     # maximum likelihood is the more efficient estimator
     assert stderr < mcculloch_alpha_stderr(alpha, N)
+
+
+# --------------------------------------------------------------------------------------------
+# standard error of the scale
+# --------------------------------------------------------------------------------------------
+SCALE_SEEDS = 300  # the sample sd over 300 seeds is within ~4% (1 sigma) of the true sd
+
+
+@pytest.mark.parametrize("alpha", [0.7, 1.2, 1.5, 1.8, 2.0])
+def test_quantile_scale_stderr_matches_spread_over_seeds(alpha: float) -> None:
+    """Measured ratios stderr / spread: 1.00, 1.04, 1.00, 0.96, 1.00 (0.7 ... 2.0; 400 seeds)."""
+    fits = [
+        fit_symmetric_stable(stats.levy_stable.rvs(alpha, 0.0, scale=1e-3, size=N, random_state=1000 + s))
+        for s in range(SCALE_SEEDS)
+    ]
+    scales = np.array([f.scale for f in fits])
+    ratio = rms([f.scale_stderr for f in fits]) / np.std(scales, ddof=1)
+    assert 0.75 < ratio < 1.33, ratio
+    assert abs(np.mean(scales) - 1e-3) < 4 * np.std(scales) / math.sqrt(SCALE_SEEDS)  # no bias
+    # proportional to scale / sqrt(n), through the fit
+    assert mcculloch_scale_stderr(alpha, 2.0, 4 * N) == pytest.approx(mcculloch_scale_stderr(alpha, 1.0, N), rel=1e-12)
+    assert fits[0].scale_stderr == mcculloch_scale_stderr(fits[0].alpha, fits[0].scale, N)
+
+
+def test_mle_scale_stderr_matches_error_over_seeds() -> None:
+    """The 3 x 20 ML fits of the alpha test, errors against the known scale pooled: z = (s_hat - s) / stderr
+    has root mean square 0.85 (1 within 9% sampling error; per alpha the 20 seeds are too few)."""
+    z = [(f.scale - 1e-3) / f.scale_stderr for alpha in STDERR_ALPHAS for f in stable_fits(alpha, "mle", 20)]
+    assert 0.75 < rms(z) < 1.33, rms(z)
+    assert all(f.scale_stderr < mcculloch_scale_stderr(f.alpha, f.scale, N) for f in stable_fits(1.5, "mle", 20))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alpha", [1.2, 1.8])
+def test_mle_scale_stderr_matches_spread_over_many_seeds(alpha: float) -> None:
+    """300 ML fits (~25 s): measured stderr / spread 0.99 (alpha 1.2) and 1.00 (alpha 1.8)."""
+    fits = [
+        fit_symmetric_stable(stats.levy_stable.rvs(alpha, 0.0, scale=1e-3, size=N, random_state=100 + s), method="mle")
+        for s in range(300)
+    ]
+    ratio = rms([f.scale_stderr for f in fits]) / np.std([f.scale for f in fits], ddof=1)
+    assert 0.75 < ratio < 1.33, ratio
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +397,69 @@ def test_student_t_fit_is_fast() -> None:
         fit_student_t(x)
         times.append(time.perf_counter() - start)
     assert np.median(times) < 0.02  # ~1.3 ms measured
+
+
+# --------------------------------------------------------------------------------------------
+# standard errors of the log-likelihood ratios
+# --------------------------------------------------------------------------------------------
+LLR_LAWS: dict[str, Callable[[int], np.ndarray]] = {
+    "stable 1.2": lambda seed: stats.levy_stable.rvs(1.2, 0.0, scale=1e-3, size=N, random_state=seed),
+    "stable 1.5": lambda seed: stats.levy_stable.rvs(1.5, 0.0, scale=1e-3, size=N, random_state=seed),
+    "stable 1.8": lambda seed: stats.levy_stable.rvs(1.8, 0.0, scale=1e-3, size=N, random_state=seed),
+    "student t 3": lambda seed: stats.t.rvs(3, scale=1e-3, size=N, random_state=seed),
+    "student t 5": lambda seed: stats.t.rvs(5, scale=1e-3, size=N, random_state=seed),
+    "laplace": lambda seed: np.random.default_rng(seed).laplace(0.0, 1e-3, N),
+}
+LLR_SEEDS = 100  # the sample sd over 100 seeds is within ~7% (1 sigma) of the true sd
+
+
+def naive_llr_stderr(x: np.ndarray, fit: StableFit, test: tails.TailTest) -> float:
+    """sd(l_i) / sqrt(n): Vuong's denominator, without the fit's influence or heavy tails."""
+    alt = test.alternative
+    if isinstance(alt, tails.GaussianFit):
+        log_alt = stats.norm.logpdf(x, alt.mean, alt.sigma)
+    else:
+        log_alt = student_t_logpdf(x, alt.df, alt.scale, alt.loc)
+    return float(np.std(symmetric_stable_logpdf(x - fit.loc, fit.alpha, fit.scale) - log_alt)) / math.sqrt(x.size)
+
+
+@pytest.mark.parametrize("law", list(LLR_LAWS))
+def test_llr_stderrs_match_spread_over_seeds(law: str) -> None:
+    """Measured stderr / spread (gaussian, student t), 100 seeds: stable 1.2 (1.07, 1.03),
+    stable 1.5 (1.01, 1.04), stable 1.8 (0.96, 1.10), t3 (1.00, 1.14), t5 (0.97, 1.11),
+    laplace (0.96, 1.14).  sd(l_i)/sqrt(n) alone gives 0.47 against the Gaussian on stable 1.5
+    (infinite variance: no central limit) and 0.60 against the t on t5 (the quantile fit's noise)."""
+    samples = [LLR_LAWS[law](1000 + s) for s in range(LLR_SEEDS)]
+    summaries = [analyse_tails(x) for x in samples]
+    for which in ("gaussian", "student_t"):
+        llrs = np.array([getattr(summary, which).llr for summary in summaries])
+        ratio = rms([getattr(summary, which).llr_stderr for summary in summaries]) / np.std(llrs, ddof=1)
+        assert 0.75 < ratio < 1.33, (which, ratio)
+    if law in ("stable 1.5", "student t 5"):  # the corrections matter
+        which = "gaussian" if law == "stable 1.5" else "student_t"
+        naive = [naive_llr_stderr(x, s.fit, getattr(s, which)) for x, s in zip(samples, summaries)]
+        assert rms(naive) / np.std([getattr(s, which).llr for s in summaries], ddof=1) < 0.75
+
+
+def test_llr_stderr_formulas() -> None:
+    """At an ML stable fit (no influence term) the t ratio's stderr is sd(l_i)/sqrt(n) exactly,
+    and the Gaussian's delete-one jackknife equals a brute-force recomputation."""
+    x = student_sample(5.0, 0)
+    mle = fit_symmetric_stable(x, method="mle")
+    versus_t = stable_vs_student_t(x, mle)
+    assert versus_t.llr_stderr == pytest.approx(naive_llr_stderr(x, mle, versus_t), rel=1e-12)
+    # finite variance: the jackknife agrees with the linearisation
+    versus_gauss = stable_vs_gaussian(x, mle)
+    assert versus_gauss.llr_stderr == pytest.approx(naive_llr_stderr(x, mle, versus_gauss), rel=0.05)
+
+    small = x[:60]
+    log_stable = symmetric_stable_logpdf(small - mle.loc, mle.alpha, mle.scale)
+    leave_out = np.array([
+        np.mean(np.delete(log_stable, i)) - np.mean(stats.norm.logpdf(np.delete(small, i), np.mean(np.delete(small, i)), np.std(np.delete(small, i))))
+        for i in range(small.size)
+    ])
+    jackknife = math.sqrt((small.size - 1) / small.size * np.sum((leave_out - leave_out.mean()) ** 2))
+    assert stable_vs_gaussian(small, mle).llr_stderr == pytest.approx(jackknife, rel=1e-9)
 
 
 # --------------------------------------------------------------------------------------------
