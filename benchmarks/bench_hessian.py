@@ -858,8 +858,7 @@ def section_warm(P: Problem, args: argparse.Namespace, out: list[str]) -> None:
             for seed in range(args.seeds):
                 model = copy.deepcopy(P.model).train()
                 op = our_operator(model, P.x, P.y)
-                cold = lanczos(op, op.dim, k=1, want_min=True, tol=1e-3, max_matvecs=100, generator=torch.Generator().manual_seed(seed))
-                vecs = torch.cat([cold.eigenvectors, cold.min_vector[None]]).detach()
+                cold = lanczos(op, op.dim, k=1, want_min=False, tol=1e-3, max_matvecs=100, generator=torch.Generator().manual_seed(seed))
                 top = cold.eigenvectors[0].detach()
                 op.release()
                 sgd_steps(model, args, steps, offset=30000)
@@ -870,9 +869,9 @@ def section_warm(P: Problem, args: argparse.Namespace, out: list[str]) -> None:
                 def add(name: str, value: float, hv: int, conv: bool = True) -> None:
                     per_seed.setdefault(name, []).append((rel(value, lam), hv, conv))
 
-                for name, init, want_min in [("ours Lanczos warm, monitor default (init = top + min Ritz vectors, k=1 + λ_min)", vecs, True),
-                                             ("ours Lanczos warm (init = top Ritz vector, k=1, no λ_min)", top, False),
-                                             ("ours Lanczos cold at the new weights (monitor default)", None, True)]:
+                for name, init, want_min in [("ours Lanczos warm, λ_min step (init = top Ritz vector, k=1 + λ_min)", top, True),
+                                             ("ours Lanczos warm, monitor default (init = top Ritz vector, k=1, no λ_min)", top, False),
+                                             ("ours Lanczos cold at the new weights (k=1, no λ_min)", None, False)]:
                     op = our_operator(model, x, y)
                     r = lanczos(op, op.dim, k=1, want_min=want_min, tol=1e-3, max_matvecs=100, init=init, generator=torch.Generator().manual_seed(100 + seed))
                     add(name, float(r.eigenvalues[0]), op.num_matvecs, r.converged)
@@ -900,6 +899,131 @@ def section_warm(P: Problem, args: argparse.Namespace, out: list[str]) -> None:
     emit(markdown_table(["refresh after", "tool", "HVPs", "rel. error λ_max", "stopped by its own criterion"], rows), out)
 
 
+
+# ============================================================================ solver overhead
+class TimedOperator:
+    """``v ↦ Hv`` that accumulates the process CPU time spent in the products."""
+
+    def __init__(self, op: HessianOperator) -> None:
+        self.op, self.seconds, self.dim, self.dtype = op, 0.0, op.dim, op.dtype
+
+    def __call__(self, v: Tensor) -> Tensor:
+        t = time.process_time()
+        out = self.op(v)
+        self.seconds += time.process_time() - t
+        return out
+
+
+def section_solver(args: argparse.Namespace, out: list[str]) -> None:
+    """Time outside the products (reorthogonalisation, restarts, Ritz vectors, bounds) per Lanczos run,
+    on bench_scale's models (random data, its batch sizes), one thread, process CPU time."""
+    import bench_scale
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cases = [
+        ("cold λ_max (k=1)", dict(k=1, want_min=False), False),
+        ("warm λ_max, next batch (k=1, monitor default)", dict(k=1, want_min=False), True),
+        ("λ_min step (k=1 + λ_min, warm)", dict(k=1, want_min=True, min_tol=1e-2), True),
+        ("top_k=5 with index check", dict(k=5, want_min=False), False),
+        ("tol=1e-6: stops at the float32 floor", dict(k=1, want_min=False, tol=1e-6), False),
+    ]
+    rows = []
+    for kind in args.solver_models.split(","):
+        for n in [int(float(x)) for x in args.solver_sizes.split(",")]:
+            net, batch, desc = bench_scale.build_model(kind, n)
+            bs = args.solver_batch or bench_scale.BATCH[kind]
+            data = [batch(bs) for _ in range(2)]
+
+            def operator(i: int) -> HessianOperator:
+                x, y = data[i]
+                def loss() -> Tensor:
+                    logits = net(x)
+                    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+                return HessianOperator(params_of(net), [loss])
+
+            with sdpa_kernel(SDPBackend.MATH):
+                warm = None
+                for name, kw, use_warm in cases:
+                    if use_warm and warm is None:
+                        first = operator(0)
+                        warm = lanczos(first, first.dim, k=1, want_min=False, generator=torch.Generator().manual_seed(1)).eigenvectors
+                        first.release()
+                    op = TimedOperator(operator(1 if use_warm else 0))
+                    kw = dict(dict(tol=1e-3, max_matvecs=100, min_max_matvecs=100), **kw)
+                    t = time.process_time()
+                    res = lanczos(op, op.dim, init=warm if use_warm else None, generator=torch.Generator().manual_seed(0), **kw)
+                    total = time.process_time() - t
+                    rows.append([desc, f"{op.dim:.2e}", bs, name, op.op.num_matvecs, res.stop_reason, f"{total:.2f}", f"{op.seconds:.2f}",
+                                 f"{100 * (total - op.seconds) / total:.1f}%"])
+                    op.op.release()
+                    print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
+    emit("\n#### Solver overhead: process CPU time of one Lanczos run outside the Hessian-vector products (1 thread)\n", out)
+    emit(markdown_table(["model", "n", "batch", "run", "HVPs", "stop", "total s", "in HVPs s", "outside HVPs"], rows), out)
+
+
+# ============================================================================ monitor in training
+def section_train(args: argparse.Namespace, out: list[str]) -> None:
+    """HessianSpectrumMonitor at its defaults in SGD training on MNIST: HVPs of the cold first estimate,
+    of the warm λ_max refreshes and of the λ_min estimates, and their average over all later estimates.
+    Only the monitor's constructor defaults are used, so the same section measures any checkout."""
+    import logging
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from chaos_callbacks import HessianSpectrumMonitor
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+    class Task(pl.LightningModule):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=args.train_lr, momentum=0.9)
+
+    xs, ys = mnist_tensors(args.data_root, 60000)
+    rows = []
+    for model in args.train_models.split(","):
+        torch.manual_seed(0)
+        hidden = 256 if model == "relu" else 64
+        act = nn.ReLU() if model == "relu" else nn.Tanh()
+        net = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), act, nn.Linear(hidden, 10))
+        monitor = HessianSpectrumMonitor()
+        seen: list[tuple[int, float, bool]] = []
+
+        class Keep(pl.Callback):
+            def on_train_batch_end(self, trainer: Any, *rest: Any) -> None:
+                if monitor._last_step == trainer.global_step - 1 and monitor.last_estimate:
+                    est = monitor.last_estimate
+                    seen.append((monitor._last_step, est["hessian/hvps"], "hessian/lambda_min" in est))
+
+        loader = DataLoader(TensorDataset(xs, ys), batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=args.train_steps, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor, Keep()])
+        t = time.process_time()
+        trainer.fit(Task(net), loader)
+        secs = time.process_time() - t
+        later = [h for step, h, _ in seen if step > 0]
+        top_only = [h for step, h, m in seen if step > 0 and not m]
+        with_min = [h for step, h, m in seen if step > 0 and m]
+        mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+        rows.append([f"MNIST MLP 784-{hidden}-10 {model}", sum(p.numel() for p in net.parameters()), len(seen), seen[0][1] if seen else None,
+                     f"{mean(top_only):.2f}", f"{mean(with_min):.1f} ({len(with_min)})", f"{mean(later):.2f}", max(later, default=None),
+                     monitor._warn.count, f"{secs:.0f}"])
+        print(" | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
+    emit(f"\n#### HessianSpectrumMonitor() in training ({args.train_steps} SGD steps, lr {args.train_lr}, momentum 0.9, batch 128; "
+         "HVPs per estimate)\n", out)
+    emit(markdown_table(["model", "n", "estimates", "cold (step 0)", "warm, no λ_min", "warm with λ_min (count)", "all warm: mean",
+                         "max", "skipped/warned", "CPU s"], rows), out)
+
 # ============================================================================ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -915,12 +1039,25 @@ def main() -> None:
     parser.add_argument("--warm-lr", type=float, default=0.05)
     parser.add_argument("--density-defaults", action="store_true",
                         help="run each peer's density at its own defaults (PyHessian 1×100, eigenthings 10×80, curvlinops ncv=128) instead of ours' budget 3×90")
-    parser.add_argument("--sections", default="lambda,top5,trace,density,warm")
+    parser.add_argument("--sections", default="lambda,top5,trace,density,warm",
+                        help="comma list of lambda, top5, trace, density, warm, solver (bench_scale's models, random data), "
+                             "train (HessianSpectrumMonitor() in MNIST training)")
+    parser.add_argument("--solver-sizes", default="1e5,1e6,1e7", help="parameter counts of the solver section")
+    parser.add_argument("--train-steps", type=int, default=6000, help="SGD steps of the train section")
+    parser.add_argument("--train-lr", type=float, default=0.05)
+    parser.add_argument("--train-models", default="relu,tanh", help="train section: MNIST MLPs 784-256-10 relu, 784-64-10 tanh")
+    parser.add_argument("--solver-models", default="mlp", help="bench_scale models of the solver section (mlp, cnn, gpt2)")
+    parser.add_argument("--solver-batch", type=int, default=None, help="probe batch of the solver section (default: bench_scale's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out: list[str] = []
     emit(f"## bench_hessian (torch {torch.__version__}, {args.threads} thread(s), float32 estimates, float64 ground truth)", out)
-    for P in make_problems(args):
+    sections = args.sections.split(",")
+    for name, runner in (("solver", section_solver), ("train", section_train)):
+        if name in sections:
+            runner(args, out)
+            sections.remove(name)
+    for P in make_problems(args) if sections else []:
         t0 = time.perf_counter()
         kind = "dense" if P.has_bn else "mlp"
         P.truth = reference(P.model, P.x, P.y, kind)
@@ -936,7 +1073,6 @@ def main() -> None:
             checks.append(f"|Lanczos − scipy eigsh| top-5 max {float((t['lanczos_top5'] - t['eigsh_top5']).abs().max()):.1e}, λ_min {abs(t['lanczos_min'] - t['eigsh_min']):.1e}")
             checks.append(f"closed-form Hessian diagonal vs HVP columns: max rel. diff {t['diag_check']:.1e}")
         emit("Ground truth: " + "; ".join(checks) + f"; trace {t['trace']:.6g}.", out)
-        sections = args.sections.split(",")
         runners = {"lambda": section_lambda_max, "top5": section_top5, "trace": section_trace, "density": section_density, "warm": section_warm}
         for name in sections:
             t1 = time.perf_counter()

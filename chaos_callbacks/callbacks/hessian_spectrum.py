@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 from chaos_callbacks.callbacks import _engine
 from chaos_callbacks.callbacks import _plumbing as plumb
@@ -18,8 +19,10 @@ from chaos_callbacks.curvature import (
     power_iteration,
     spectral_density,
 )
+from chaos_callbacks.curvature.lanczos import rounding_floor
 
 Method = Literal["lanczos", "power", "lyapunov"]
+WarmFormat = Literal["full", "half", "none"]
 
 
 class HessianSpectrumMonitor(Callback):
@@ -28,9 +31,10 @@ class HessianSpectrumMonitor(Callback):
     At each estimate (before the optimizer step ``t``, on the weights ``θ_t``) the Hessian of the
     probe loss is applied matrix-free by exact Hessian-vector products and
 
-    - ``method="lanczos"`` (default): the top-``k`` eigenvalues (largest algebraic) and the most
-      negative one (``lambda_min=True``), with certified residual bounds ≤ ``tol · |λ_max|`` and an
-      index check, warm-started from the previous estimate's Ritz vectors plus a random part;
+    - ``method="lanczos"`` (default): the top-``k`` eigenvalues (largest algebraic) with certified
+      Ritz error bounds ≤ ``tol · λ_max``, warm-started from the previous estimate's Ritz vectors
+      plus a random part, and (``lambda_min=True``) every ``lambda_min_every_n_steps`` the most
+      negative one, bounded with probability ``≥ 1 − 10⁻³``;
     - ``method="power"``: power iteration — the largest-*magnitude* eigenvalue, logged as
       ``hessian/lambda_dominant`` (it may be negative, so it is never called "top");
     - ``method="lyapunov"``: the Lyapunov-map estimator of Sasdelli et al. (OpenReview
@@ -54,22 +58,44 @@ class HessianSpectrumMonitor(Callback):
             of the first ``N`` training examples drawn at fit start (same examples every
             estimate, so curves are comparable over time).
         method: ``"lanczos"``, ``"power"`` or ``"lyapunov"``.
-        lambda_min: also estimate the most negative eigenvalue (Lanczos on ``−H`` with its own
-            index check; off by default). ``hessian/lambda_min`` is always an upper bound of the
-            true ``λ_min`` (a Rayleigh quotient) and an eigenvalue lies within
-            ``hessian/lambda_min_error`` of it (rigorous); that this eigenvalue is the *most negative*
-            one rests on random starts, and on real networks, whose Hessians have a huge
-            near-null space, that index assumption has been seen to fail (an MNIST ReLU MLP: a
-            reported ``λ_min ≈ 0`` for a true ``−0.13``). A certificate of λ_min that holds there
-            (a Kuczyński–Woźniakowski lower bound from a long random-start run) is being built; until
-            then read ``λ_min`` as an upper bound. It also costs 3–5× the products of ``λ_max``.
+        lambda_min: also estimate the most negative eigenvalue (Lanczos only; off by default), once
+            every ``lambda_min_every_n_steps``: ``hessian/lambda_min`` is an upper bound (a Rayleigh
+            quotient) and ``hessian/lambda_min_error`` its distance to a lower bound that holds with
+            probability ``≥ 1 − 10⁻³`` (Kuczyński–Woźniakowski: a basis-free run from a random start,
+            ~70–90 HVPs at the default ``lambda_min_tol``, whatever the warm start;
+            :mod:`chaos_callbacks.curvature.lanczos`). It replaces a residual-based certificate that
+            failed on networks with a large near-null space (an MNIST ReLU MLP: ``λ_min ≈ 0`` reported
+            for a true ``−0.13``).
+        lambda_min_tol: ``hessian/lambda_min_error ≤ lambda_min_tol · max(λ_max, |λ_min|)``.
+        lambda_min_every_n_steps: cadence of ``λ_min``, a multiple of ``every_n_steps``; it is estimated
+            at the last estimate of every window of that many steps (steps ``L − every_n_steps``,
+            ``2L − every_n_steps``, ...), so the first, cold estimate costs about what ``λ_max`` alone
+            costs. Default ``10 × every_n_steps`` (steps 1800, 3800, ... at the defaults): ``λ_min`` then
+            adds ~8–9 HVPs per estimate on average (MNIST MLPs) instead of dominating every one;
+            ``every_n_steps`` gives ``λ_min`` at every estimate.
         trace: also estimate the trace; ``trace_samples`` Rademacher probes.
         density: also estimate the spectral density (``density_probes × density_steps`` HVPs)
             and log it as a TensorBoard figure.
         density_every_n_steps: cadence of the (expensive) density, a multiple of
             ``every_n_steps``; default: at every estimate.
         tol: relative tolerance of ``λ_max`` and the top-``k`` estimates (relative to ``λ_max``).
-        max_hvps: budget of Hessian-vector products for the eigenvalue solver per estimate.
+            Below ``64 u`` of the parameters' type (float32: ``7.6·10⁻⁶``) products cannot certify it:
+            the monitor warns once, and Lanczos stops when its residuals stall at that floor.
+        max_hvps: budget of Hessian-vector products of the top-``k`` solve per estimate (cold ``λ_max``
+            at 10⁶ parameters on random data: 30–40 for an MLP/CNN, 60–110 for a GPT-shaped LM; warm
+            refreshes in MNIST training 8–13).
+        lambda_min_max_hvps: budget of the ``λ_min`` solve (at ``λ_min`` steps): it needs about
+            ``(ln(1648 √n)/√lambda_min_tol + 1)/2`` HVPs — 70 at ``n = 2·10⁵``, 90 at ``n = 10⁹`` for the
+            default tolerance.
+        max_basis: parameter-sized vectors the Lanczos solver holds at most (default ``max(12,
+            2 top_k + 8)``); with the operator's temporaries and the warm vectors a default estimate
+            peaks at ≤ 24 vectors (``benchmarks/bench_scale.py``). Smaller saves memory and costs
+            restarts.
+        checkpoint_warm_vectors: what ``state_dict`` keeps of the ``top_k`` warm-start vectors:
+            ``"full"`` (default: a resumed run continues exactly as an uninterrupted one), ``"half"``
+            (float16 with a scale per vector: half the bytes, the next estimate starts from a slightly
+            rounded vector and may take a different number of HVPs) or ``"none"`` (the first estimate
+            after a resume is cold; still certified).
         hessian_mode: ``"train"`` (default: the Hessian the optimizer sees — dropout active with
             masks fixed across the products of one estimate, batch norm on batch statistics) or
             ``"eval"``.
@@ -93,10 +119,14 @@ class HessianSpectrumMonitor(Callback):
         density_steps: int = 90,
         density_every_n_steps: int | None = None,
         tol: float = 1e-3,
-        max_hvps: int = 100,
+        max_hvps: int = 150,
         hessian_mode: Literal["train", "eval"] = "train",
         warm_start: bool = True,
         seed: int = 0,
+        lambda_min_every_n_steps: int | None = None,
+        lambda_min_max_hvps: int = 150,
+        max_basis: int | None = None,
+        checkpoint_warm_vectors: WarmFormat = "full",
     ) -> None:
         name = type(self).__name__
         self.every_n_steps = V.check_int(name, "every_n_steps", every_n_steps, minimum=1)
@@ -125,11 +155,22 @@ class HessianSpectrumMonitor(Callback):
         self.hessian_mode = V.check_choice(name, "hessian_mode", hessian_mode, ("train", "eval"))
         self.warm_start = V.check_bool(name, "warm_start", warm_start)
         self.seed = V.check_int(name, "seed", seed, minimum=0)
+        min_every = V.check_int(name, "lambda_min_every_n_steps", lambda_min_every_n_steps, minimum=1, allow_none=True)
+        if min_every is not None and min_every % self.every_n_steps:
+            raise ValueError(
+                f"{name}: lambda_min_every_n_steps must be a positive multiple of every_n_steps={every_n_steps}, "
+                f"got {lambda_min_every_n_steps}"
+            )
+        self.lambda_min_every_n_steps = min_every or 10 * self.every_n_steps
+        self.lambda_min_max_hvps = V.check_int(name, "lambda_min_max_hvps", lambda_min_max_hvps, minimum=1)
+        self.max_basis = V.check_int(name, "max_basis", max_basis, minimum=2 * (self.top_k + 2), allow_none=True)
+        self.checkpoint_warm_vectors = V.check_choice(name, "checkpoint_warm_vectors", checkpoint_warm_vectors, ("full", "half", "none"))
         self._warn = plumb.WarnOnce(type(self).__name__)
         self._probe_batches: list[Any] | None = None
         self._warm_vectors: torch.Tensor | None = None
         self._top_values: torch.Tensor | None = None
         self._last_step = -1
+        self._estimate_step = -1
         self._num_estimates = 0
         self.last_estimate: dict[str, float] = {}
 
@@ -194,6 +235,7 @@ class HessianSpectrumMonitor(Callback):
         tolerance and largest budget of the consumers that reuse it, who then take none — the trace,
         the density and ``‖Hg‖/‖g‖`` (unless another consumer of the operator computed it first).
         """
+        self._estimate_step = trainer.global_step  # the engine may run this before the monitor's own hook
         generator = torch.Generator().manual_seed(self.seed + self._num_estimates)
         self._num_estimates += 1
         op = shared.operator
@@ -242,9 +284,11 @@ class HessianSpectrumMonitor(Callback):
         bounds; returns ``λ_max`` (``None`` for power).
 
         Bounds are rigorous given the index assumption of :mod:`chaos_callbacks.curvature.lanczos`
-        (the random part of every start vector makes it hold with high probability).
+        (the random part of every start vector makes it hold with high probability); ``λ_min``'s holds
+        with probability ``≥ 1 − 10⁻³``. The previous warm vectors are handed over (not kept) while the
+        solver runs, so they are freed once its start vector is built.
         """
-        init = self._warm_vectors if self.warm_start else None
+        init, self._warm_vectors = (self._warm_vectors if self.warm_start else None), None
         if self.method == "power":
             res = power_iteration(op, op.dim, tol=tol, max_matvecs=max_hvps, init=init, **kw)
             if not res.converged:
@@ -261,30 +305,42 @@ class HessianSpectrumMonitor(Callback):
             metrics["hessian/lambda_max"] = res.lambda_max
             metrics["hessian/lambda_max_error"] = res.error_bound
             return res.lambda_max
-        res = lanczos(op, op.dim, k=self.top_k, want_min=self.lambda_min, tol=tol, min_tol=self.lambda_min_tol,
-                      max_matvecs=max_hvps, init=init, **kw)
+        if tol < rounding_floor(op.dtype) and "tol_floor" not in self._warn.seen:  # once, not counted as a skip
+            self._warn.seen.add("tol_floor")
+            rank_zero_warn(f"{type(self).__name__}: tol={tol} is below what {op.dtype} products can certify "
+                           f"(~{rounding_floor(op.dtype):.1e}): Lanczos will stop at the rounding floor and skip the "
+                           "estimate; raise tol or train in float64")
+        want_min = self.lambda_min and self._lambda_min_due()
+        res = lanczos(op, op.dim, k=self.top_k, want_min=want_min, tol=tol, min_tol=self.lambda_min_tol,
+                      max_matvecs=max_hvps, min_max_matvecs=self.lambda_min_max_hvps, max_basis=self.max_basis,
+                      init=init, **kw)
         if not res.converged:
-            raise plumb.EstimateSkipped(f"Lanczos did not certify the top {self.top_k} to tol={tol} in max_hvps={max_hvps} HVPs")
-        vectors = [res.eigenvectors] + ([res.min_vector[None]] if res.min_vector is not None else [])
-        self._warm_vectors = torch.cat(vectors).detach()
+            raise plumb.EstimateSkipped(f"Lanczos did not certify the top {self.top_k} to tol={tol} in max_hvps={max_hvps} "
+                                        f"HVPs ({res.stop_reason})")
+        self._warm_vectors = res.eigenvectors
         self._top_values = res.eigenvalues
         metrics["hessian/lambda_max"] = float(res.eigenvalues[0])
         metrics["hessian/lambda_max_error"] = float(res.error_bounds[0])
         for i, (value, bound) in enumerate(zip(res.eigenvalues.tolist(), res.error_bounds.tolist()), start=1):
             metrics[f"hessian/eig_{i}"] = value
             metrics[f"hessian/eig_{i}_error"] = bound
-        if self.lambda_min and res.lambda_min_converged:
+        if want_min and res.lambda_min_converged:
             metrics["hessian/lambda_min"] = res.lambda_min
             metrics["hessian/lambda_min_error"] = res.lambda_min_error
-        elif self.lambda_min:
-            self._warn("lambda_min", f"lambda_min not certified to lambda_min_tol={self.lambda_min_tol} in max_hvps={max_hvps} "
-                       "HVPs: not logged (the top eigenvalues are)")
+        elif want_min:
+            self._warn("lambda_min", f"lambda_min not certified to lambda_min_tol={self.lambda_min_tol} in "
+                       f"lambda_min_max_hvps={self.lambda_min_max_hvps} HVPs: not logged (the top eigenvalues are)")
         return float(res.eigenvalues[0])
+
+    def _lambda_min_due(self) -> bool:
+        """``λ_min`` runs at the last estimate of each window of ``lambda_min_every_n_steps`` steps."""
+        period = self.lambda_min_every_n_steps
+        return self._estimate_step % period == period - self.every_n_steps
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {
-            "warm_vectors": None if self._warm_vectors is None else self._warm_vectors.cpu(),
+            "warm_vectors": _pack_warm(self._warm_vectors, self.checkpoint_warm_vectors),
             "top_values": self._top_values,
             "probe_batches": self._probe_batches,
             "last_step": self._last_step,
@@ -293,9 +349,27 @@ class HessianSpectrumMonitor(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._warm_vectors = state_dict["warm_vectors"]
+        self._warm_vectors = _unpack_warm(state_dict["warm_vectors"])
         self._top_values = state_dict["top_values"]
         self._probe_batches = state_dict["probe_batches"]
         self._last_step = state_dict["last_step"]
         self._num_estimates = state_dict["num_estimates"]
         self._warn.count = state_dict["skipped"]
+
+
+def _pack_warm(vectors: torch.Tensor | None, fmt: str) -> torch.Tensor | dict[str, Any] | None:
+    """Warm vectors for a checkpoint: as they are (``"full"``), float16 rows scaled to a max-abs of 1
+    with their scales (``"half"``: entries keep ~3 significant digits), or nothing (``"none"``)."""
+    if vectors is None or fmt == "none":
+        return None
+    vectors = vectors.detach().cpu()
+    if fmt == "full":
+        return vectors
+    scale = vectors.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(vectors.dtype).tiny)
+    return {"half": (vectors / scale).to(torch.float16), "scale": scale.to(torch.float32), "dtype": str(vectors.dtype).removeprefix("torch.")}
+
+
+def _unpack_warm(packed: torch.Tensor | dict[str, Any] | None) -> torch.Tensor | None:
+    if not isinstance(packed, dict):
+        return packed
+    return (packed["half"].to(torch.float32) * packed["scale"]).to(getattr(torch, packed["dtype"]))

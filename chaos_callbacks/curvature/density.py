@@ -15,13 +15,12 @@ as used for neural-network Hessians by Ghorbani, Krishnan & Xiao (ICML 2019) and
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from chaos_callbacks.curvature.lanczos import MatVec, orthogonalize, tridiagonal
+from chaos_callbacks.curvature.lanczos import MatVec, Rows, orthogonalize, tridiagonal
 
 
 @dataclass(frozen=True)
@@ -39,24 +38,29 @@ def lanczos_quadrature(matvec: MatVec, v: Tensor, steps: int, window: int = 20) 
     """Gauss quadrature nodes and weights of the spectral measure of ``H`` seen from unit ``v``.
 
     Only the tridiagonal is needed, so each new Lanczos vector is reorthogonalised against the last
-    ``window`` vectors alone (memory ``window + 2`` vectors of ``n``). The loss of orthogonality to
-    older vectors makes converged Ritz values reappear ("ghosts"); the quadrature stays accurate
-    because the ghosts split the weight of the value they copy (Greenbaum 1989; Meurant & Strakoš 2006).
+    ``window`` vectors alone, kept in a ring (memory ``window + 1`` vectors of ``n``, allocated as the
+    run grows). The loss of orthogonality to older vectors makes converged Ritz values reappear
+    ("ghosts"); the quadrature stays accurate because the ghosts split the weight of the value they
+    copy (Greenbaum 1989; Meurant & Strakoš 2006).
     """
-    recent: deque[Tensor] = deque(maxlen=window)
+    recent = Rows(v.numel(), v.dtype, v.device, limit=window)
     q = v / v.norm()
     alphas: list[float] = []
     betas: list[float] = []
     for step in range(steps):
-        w = matvec(q).to(v.dtype)
-        recent.append(q)
-        coeffs = orthogonalize(w, list(recent))
-        alphas.append(float(coeffs[-1]))
-        beta = float(w.norm())
+        slot = step % window
+        if len(recent) < window:
+            recent.append(q)
+        else:
+            recent[slot].copy_(q)
+        del q
+        w = matvec(recent[slot]).to(v.dtype)
+        coeffs, beta = orthogonalize(w, recent)
+        alphas.append(float(coeffs[slot]))
         if step == steps - 1 or beta <= 1e-10 * max(abs(a) for a in alphas):
             break
         betas.append(beta)
-        q = w / beta
+        q = w.div_(beta)
     nodes, vecs = torch.linalg.eigh(tridiagonal(alphas, betas))
     return nodes, vecs[0, :] ** 2
 
@@ -85,7 +89,7 @@ def spectral_density(
         raise ValueError(f"num_probes and steps must be >= 1, got {num_probes}, {steps}")
     all_nodes, all_weights, used = [], [], 0
     for _ in range(num_probes):
-        v = torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+        v = torch.randn(n, generator=generator, dtype=dtype, device=device if generator is None else generator.device).to(device)
         nodes, weights = lanczos_quadrature(matvec, v, min(steps, n))
         used += nodes.numel()
         all_nodes.append(nodes)

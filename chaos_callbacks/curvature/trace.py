@@ -58,6 +58,6 @@ def hutchinson_trace(
         z = (torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8) * 2 - 1).to(device=device, dtype=dtype)
         if Q is not None:
             z = z - Q.T @ (Q @ z)
-        samples.append(float(torch.dot(z.double(), matvec(z).double())))
+        samples.append(float((matvec(z).to(dtype) * z).sum(dtype=torch.float64)))  # zᵀHz, summed in float64
     t = torch.tensor(samples, dtype=torch.float64)
     return TraceEstimate(exact + float(t.mean()), float(t.std()) / math.sqrt(num_samples), num_samples)

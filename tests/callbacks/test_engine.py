@@ -164,7 +164,7 @@ def test_a_stricter_scheduler_tightens_the_shared_solve(products):
         assert sched["curvature_lr/hvps"] == 0 and sched["curvature_lr/lambda"] == est["hessian/lambda_max"]
         assert est["hessian/lambda_max_error"] <= 1e-7 * est["hessian/lambda_max"]  # solved at the scheduler's tol
         assert est["hessian/lambda_max"] == pytest.approx(exact, rel=2e-7)
-    assert monitor.tol == 1e-2 and monitor.max_hvps == 100  # its own settings are back
+    assert monitor.tol == 1e-2 and monitor.max_hvps == 150  # its own settings are back
 
 
 # ------------------------------------------------------------------ different operators: one forward

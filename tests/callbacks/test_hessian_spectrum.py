@@ -1,4 +1,3 @@
-import math
 import warnings
 
 import lightning.pytorch as pl
@@ -44,7 +43,8 @@ def test_estimates_match_exact_hessian(batch_norm, probe):
     # max_hvps 300: certifying the index of the top 3 and of λ_min (a deflation check from a second random
     # start each) to 1e-4 costs more than the default budget of 100 on this 195-parameter net
     monitor = HessianSpectrumMonitor(every_n_steps=2, top_k=3, probe=probe, trace=True, trace_samples=400, tol=1e-4,
-                                     lambda_min_tol=1e-4, max_hvps=300, lambda_min=True)
+                                     lambda_min_tol=1e-4, max_hvps=300, lambda_min=True,
+                                     lambda_min_every_n_steps=2, lambda_min_max_hvps=300)
     # the Capture callback runs first, so it sees the weights the monitor sees
     capture = Capture(monitor, None if probe == "batch" else (data.tensors[0][:32], data.tensors[1][:32]))
     pl.seed_everything(0, verbose=False)
@@ -123,7 +123,8 @@ def test_logs_at_the_estimate_step_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
-    monitor = HessianSpectrumMonitor(every_n_steps=3, top_k=2, density=True, density_steps=20, density_probes=1, lambda_min=True)
+    monitor = HessianSpectrumMonitor(every_n_steps=3, top_k=2, density=True, density_steps=20, density_probes=1, lambda_min=True,
+                                     lambda_min_every_n_steps=3)
     pl.seed_everything(0, verbose=False)
     t = trainer(callbacks=[monitor], logger=logger, max_steps=7, max_epochs=None, log_every_n_steps=50)
     t.fit(TinyNet(), loader())
@@ -227,7 +228,8 @@ def ddp_scenario(devices: int):
     data = random_classification(n=32)
     dataset = torch.utils.data.TensorDataset(data.tensors[0].double(), data.tensors[1])
     dl = torch.utils.data.DataLoader(dataset, batch_size=32 // devices, shuffle=False)
-    monitor = HessianSpectrumMonitor(every_n_steps=1, top_k=2, trace=True, tol=1e-6, max_hvps=200, lambda_min=True)
+    monitor = HessianSpectrumMonitor(every_n_steps=1, top_k=2, trace=True, tol=1e-6, max_hvps=200, lambda_min=True,
+                                     lambda_min_every_n_steps=1)
 
     def collect(trainer, model, callbacks):
         return callbacks[0].last_estimate

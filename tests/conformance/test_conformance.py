@@ -73,7 +73,7 @@ SETTINGS: dict[str, Setting] = {
 # the callbacks at a cadence that fits a handful of steps; their headline tags (the first also goes
 # to the progress bar)
 CALLBACKS: dict[str, tuple[Callable[..., Callback], tuple[str, ...]]] = {
-    "H": (lambda **kw: HessianSpectrumMonitor(**{"every_n_steps": 2, **kw}), ("hessian/lambda_max",)),
+    "H": (lambda **kw: HessianSpectrumMonitor(**{"every_n_steps": 2, "lambda_min_every_n_steps": kw.get("every_n_steps", 2), **kw}), ("hessian/lambda_max",)),
     "T": (lambda **kw: LyapunovTwinRun(**{"renormalize_every": 2, **kw}), ("lyapunov/mle", "lyapunov/log_distance")),
     "C": (lambda **kw: CurvatureLRScheduler(**{"every_n_steps": 2, **kw}), ("curvature_lr/lr", "curvature_lr/lambda")),
     "D": (lambda **kw: DiffusionTracker(**{"window": 4, "dim": 64, "lags": 3, **kw}), ("diffusion/exponent",)),

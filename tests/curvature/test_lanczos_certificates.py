@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from chaos_callbacks.curvature import lanczos, power_iteration, random_start_failure_bound
-from chaos_callbacks.curvature.lanczos import KrylovSchur, _rotate, start_vector
+from chaos_callbacks.curvature.lanczos import KrylovSchur, Rows, orthogonalize, start_vector
 from tests.curvature.test_lanczos import _problem
 
 N = 200
@@ -143,29 +143,47 @@ def test_power_iteration_residual_bound():
     assert zero.converged and zero.eigenvalue == 0.0 and zero.error_bound == 0.0
 
 
-def test_rotation_in_place_matches_the_product():
+@pytest.mark.parametrize("p", [1, 3, 7])
+def test_rotation_in_place_matches_the_product(p):
+    # 7 rows span two blocks of 4; the column chunks do not divide n
     g = torch.Generator().manual_seed(0)
-    U = [torch.randn(30, generator=g, dtype=torch.float64) for _ in range(7)]
+    U = torch.randn(7, 30, generator=g, dtype=torch.float64)
     S, _ = torch.linalg.qr(torch.randn(7, 7, generator=g, dtype=torch.float64))
-    S = S[:, [0, 3, 5]]
-    expected = torch.stack(U).T @ S
-    out = _rotate(list(U), S)
-    torch.testing.assert_close(torch.stack(out).T, expected, atol=1e-12, rtol=0)
+    S = S[:, [0, 3, 5, 6, 1, 2, 4][:p]]
+    rows = Rows(30, torch.float64, torch.device("cpu"))
+    for u in U:
+        rows.append(u)
+    rows.rotate(S)
+    torch.testing.assert_close(rows.take(), S.T @ U, atol=1e-12, rtol=0)
+
+
+def test_classical_gram_schmidt_orthogonalises_to_rounding():
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(50, 9, generator=g, dtype=torch.float32))
+    first, second = Rows(50, torch.float32, torch.device("cpu")), Rows(50, torch.float32, torch.device("cpu"))
+    for i, q in enumerate(Q.T):
+        (first if i < 5 else second).append(q)
+    w = Q @ torch.randn(9, generator=g) + 1e-3 * torch.randn(50, generator=g)  # almost inside the span: a second pass
+    coeffs, norm = orthogonalize(w, first, second)
+    assert float((Q.T @ w).abs().max()) <= 1e-6 * norm
+    assert norm == pytest.approx(float(w.norm()))
+    assert coeffs.shape == (9,)
 
 
 def test_krylov_schur_relation_holds_through_restarts():
     A = conjugated(spectrum("cluster"), 3)
     g = torch.Generator().manual_seed(0)
-    run_ = KrylovSchur(lambda v: A @ v, start_vector(N, None, g, torch.float64, torch.device("cpu")), [], N, g)
+    run_ = KrylovSchur(lambda v: A @ v, start_vector(N, None, g, torch.float64, torch.device("cpu")), [], N, g, limit=12)
     for step in range(40):
         run_.extend()
         if len(run_.U) == 12:
             theta, S, _ = run_.ritz()
             run_.restart(S, list(range(6, 12)))
-        U = torch.stack(run_.U).T
+        U = torch.stack(list(run_.U)).T
         torch.testing.assert_close(A @ U, U @ run_.T + torch.outer(run_.q, run_.b), atol=1e-10, rtol=0)
         torch.testing.assert_close(U.T @ U, torch.eye(U.shape[1], dtype=torch.float64), atol=1e-12, rtol=0)
     assert len(run_.U) <= 12  # memory: the basis never exceeds its cap
+    assert sum(b.shape[0] for b in run_.U._blocks) <= 12  # nor do its blocks
 
 
 def test_random_start_failure_bound_holds_empirically():
@@ -184,3 +202,73 @@ def test_random_start_failure_bound_holds_empirically():
     bound = random_start_failure_bound(n, k, eps)
     assert failures / trials <= bound
     assert random_start_failure_bound(10**6, 30, 0.1) == pytest.approx(1.648e3 * math.exp(-59 * math.sqrt(0.1)))
+
+
+def null_space_spectrum(n: int = 1500) -> torch.Tensor:
+    """A network-like Hessian: a few outliers, a huge exact null space and a small negative tail
+    (λ_min = −0.15 = −1.5% of λ_max), the regime where residual-based λ_min certificates failed."""
+    g = torch.Generator().manual_seed(5)
+    tail = -0.15 * torch.rand(30, generator=g, dtype=torch.float64) ** 2
+    tail[0] = -0.15
+    head = torch.tensor([10.0, 8.0, 6.5, 6.0, 3.0], dtype=torch.float64)
+    bulk = 0.05 * torch.rand(200, generator=g, dtype=torch.float64)
+    return torch.cat([head, tail, bulk, torch.zeros(n - 235, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("min_tol", [1e-2, 3e-3])
+def test_lambda_min_bound_holds_beside_a_huge_null_space(min_tol):
+    evals = null_space_spectrum()
+    A = conjugated(evals, 0)
+    for seed in range(12):
+        res = run(A, seed, k=1, min_tol=min_tol, max_matvecs=300)
+        assert res.converged and res.lambda_min_converged, seed
+        assert res.lambda_min >= -0.15 - 1e-12  # a Rayleigh quotient: never below λ_min
+        assert res.lambda_min - res.lambda_min_error <= -0.15 + 1e-12, (seed, res.lambda_min, res.lambda_min_error)
+        assert res.lambda_min_error <= min_tol * 10.0 + 1e-12
+
+
+def test_lambda_min_needs_the_top_certificate_and_ignores_warm_vectors():
+    evals = null_space_spectrum()
+    A = conjugated(evals, 1)
+    # a stale "min vector" inside the null space is no help and no harm: the λ_min run starts at random
+    stale = torch.linalg.eigh(A).eigenvectors[:, 800]
+    res = run(A, 0, k=1, init=stale, max_matvecs=300, min_tol=1e-2)
+    assert res.lambda_min_converged and res.lambda_min - res.lambda_min_error <= -0.15 + 1e-12
+    starved = run(A, 0, k=1, max_matvecs=3, min_tol=1e-2)  # top not certified: no λ_min bound either
+    assert not starved.converged and starved.lambda_min_converged is False and math.isinf(starved.lambda_min_error)
+
+
+def test_warm_start_failure_bound_doubles_the_constant():
+    assert random_start_failure_bound(10**6, 30, 0.1, random_weight=1.0) == pytest.approx(2 * random_start_failure_bound(10**6, 30, 0.1))
+    assert random_start_failure_bound(10**6, 30, 0.1, random_weight=0.1) == pytest.approx(11 * random_start_failure_bound(10**6, 30, 0.1))
+
+
+def test_lambda_min_interval_contains_the_truth_over_many_random_starts():
+    # the Kuczyński–Woźniakowski interval on a worst-case-like spectrum (one value below a dense bulk);
+    # n above SMALL_N: the three-vector run without reorthogonalisation
+    n = 1200
+    evals = torch.cat([torch.tensor([-1.0], dtype=torch.float64), torch.linspace(-0.97, 1.0, n - 1, dtype=torch.float64)])
+    for seed in range(40):
+        res = lanczos(lambda v: evals * v, n, k=1, tol=1e-3, min_tol=1e-2, max_matvecs=400, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(seed))
+        assert res.lambda_min_converged
+        assert res.lambda_min - res.lambda_min_error <= -1.0 <= res.lambda_min + 1e-12
+
+
+def test_small_dimensions_make_the_lambda_min_run_exact():
+    # n ≤ SMALL_N: the λ_min run keeps its basis, so after at most n products its space is R^n
+    evals = torch.cat([torch.tensor([-1.0, -0.999], dtype=torch.float64), torch.linspace(-0.99, 1.0, 58, dtype=torch.float64)])
+    A = conjugated(evals, 4)
+    res = lanczos(lambda v: A @ v, 60, k=1, tol=1e-3, min_tol=1e-9, max_matvecs=300, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert res.lambda_min_converged and res.lambda_min == pytest.approx(-1.0, abs=1e-12) and res.lambda_min_error <= 1e-9
+
+
+def test_stagnation_at_the_float32_floor_stops_early():
+    evals = spectrum("flat").float()
+    Q = torch.linalg.qr(torch.randn(N, N, generator=torch.Generator().manual_seed(3)))[0]
+    A = Q @ torch.diag(evals) @ Q.T
+    res = lanczos(lambda v: A @ v, N, k=1, want_min=False, tol=1e-8, max_matvecs=500, generator=torch.Generator().manual_seed(0))
+    assert not res.converged and res.stop_reason == "stagnated" and res.num_matvecs < 500
+    ok = lanczos(lambda v: A @ v, N, k=1, want_min=False, tol=1e-4, max_matvecs=500, generator=torch.Generator().manual_seed(0))
+    assert ok.converged and ok.stop_reason == "converged"
+    assert abs(float(ok.eigenvalues[0]) - float(evals.max())) <= float(ok.error_bounds[0]) + 1e-5
