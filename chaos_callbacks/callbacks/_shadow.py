@@ -41,6 +41,8 @@ _ATOMIC = (
     types.FunctionType, types.BuiltinFunctionType, types.ModuleType,
 )
 _COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+_ATOMIC_EXACT = frozenset({type(None), bool, int, float, str, torch.dtype, torch.device})
+_PLAIN_DICTS = frozenset({dict, collections.OrderedDict})
 
 
 def _shared_types() -> tuple[type, ...]:
@@ -83,6 +85,14 @@ class _Copier:
         return clone
 
     def value(self, value: Any) -> Any:
+        kind = type(value)
+        if kind in _ATOMIC_EXACT:  # the common leaves, without the isinstance chain
+            return value
+        if kind in _PLAIN_DICTS and not value:  # the many empty hook dicts of every module
+            clone = self.memo.get(id(value))
+            if clone is None:
+                clone = self.memo[id(value)] = value.copy()
+            return clone
         if isinstance(value, _ATOMIC) or isinstance(value, Tensor) or isinstance(value, self.shared):
             return value
         if isinstance(value, nn.Module):

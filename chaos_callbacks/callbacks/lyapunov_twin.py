@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks import _validation as check
-from chaos_callbacks.callbacks._twin_mirror import Track, Twin, hyperparameters, structure, swapped
+from chaos_callbacks.callbacks._twin_mirror import Track, Twin, distance, hyperparameters, rescale_, structure, swapped, weight_norm
 from chaos_callbacks.curvature.hvp import HessianOperator, flatten, unflatten
 from chaos_callbacks.dynamics.lyapunov import (
     LocalExponentFit,
@@ -28,10 +28,8 @@ from chaos_callbacks.dynamics.lyapunov import (
     TangentAccumulator,
     default_epsilon,
     local_exponent,
-    parameter_distance,
     parameter_norm,
     random_perturbation,
-    renormalize_,
     rounding_floor,
 )
 
@@ -479,10 +477,13 @@ class LyapunovTwinRun(Callback):
             else:
                 self._restart_tangent(i, optimizer, trainer.global_step)
 
-    def _epsilon(self) -> float:
-        """ε for a (re)seed or renormalisation now: ``epsilon``, or ``default_epsilon`` at the current weight norm."""
+    def _epsilon(self, seed: bool = True) -> float:
+        """ε for a (re)seed or renormalisation now: ``epsilon``, or ``default_epsilon`` at the current weight norm
+        (:func:`~chaos_callbacks.dynamics.lyapunov.parameter_norm` at a seed; at a renormalisation, every
+        ``renormalize_every`` steps, the same norm without its float64 copy of the weights, equal to ~1e-6)."""
         if self.epsilon is None:
-            return default_epsilon(self._compute_dtype, parameter_norm(self._params, self.norm))
+            size = parameter_norm(self._params, self.norm) if seed else weight_norm(self._params, self.norm)
+            return default_epsilon(self._compute_dtype, size)
         if self.mode == "twin" and not self._epsilon_warned:
             floor = rounding_floor(self._params, self.norm, self._compute_dtype)
             if floor > _RESOLVED * self.epsilon:
@@ -504,7 +505,7 @@ class LyapunovTwinRun(Callback):
         """(Re)start twin ``i`` at distance ε from the main run's current weights, buffers and optimizer state."""
         twin, eps = self._twins[i], self._epsilon()
         twin.reset(optimizer, self._params, list(pl_module.buffers()), self._perturbation(eps))
-        d = float(parameter_distance(twin.params, self._params, self.norm))
+        d = float(distance(twin.params, self._params, self.norm))
         if d > 0 and math.isfinite(d):
             self._tracks[i].restart(step, math.log(d))
             return
@@ -610,7 +611,7 @@ class LyapunovTwinRun(Callback):
                 continue
             loss = math.nan if twin.loss is None else float(twin.loss)
             twin.step(hyper, clip_val, clip_by_value)
-            d = float(parameter_distance(twin.params, self._params, self.norm))
+            d = float(distance(twin.params, self._params, self.norm))
             if not math.isfinite(d) and not _all_finite(self._params):
                 return self._main_diverged(step)
             if not (math.isfinite(d) and d > 0 and (twin.loss is None or math.isfinite(loss))):
@@ -627,8 +628,8 @@ class LyapunovTwinRun(Callback):
                 track.ftle = twin.benettin.update(d, math.exp(track.interval_start), track.since)
                 values["ftle"].append(track.ftle)
                 values["mle"].append(twin.benettin.mle)
-                eps = self._epsilon() if eps is None else eps
-                self._renormalize(i, optimizer, eps, step)
+                eps = self._epsilon(seed=False) if eps is None else eps
+                self._renormalize(i, optimizer, eps, d, step)
         self.per_twin = {
             "distance": [math.exp(t.last) for t in self._tracks],
             "log_distance": [t.last for t in self._tracks],
@@ -642,12 +643,13 @@ class LyapunovTwinRun(Callback):
             metrics["lyapunov/reseeds"] = float(self._reseed_warn.count)
         return metrics
 
-    def _renormalize(self, i: int, optimizer: Optimizer, eps: float, step: int) -> None:
-        """Pull twin ``i`` back to distance ε (with its optimizer state) and start a new interval there."""
+    def _renormalize(self, i: int, optimizer: Optimizer, eps: float, d: float, step: int) -> None:
+        """Pull twin ``i`` from distance ``d`` back to ε (with its optimizer state, as
+        :func:`~chaos_callbacks.dynamics.lyapunov.renormalize_` does) and start a new interval there."""
         twin, track = self._twins[i], self._tracks[i]
         twin_state, main_state = twin.momentum_pairs(optimizer, self._params)
-        renormalize_(twin.params, self._params, eps, self.norm, twin_state=twin_state, main_state=main_state)
-        d0 = float(parameter_distance(twin.params, self._params, self.norm))
+        rescale_([*twin.params, *twin_state], [*self._params, *main_state], eps / d)
+        d0 = float(distance(twin.params, self._params, self.norm))
         if d0 > 0 and math.isfinite(d0):
             track.start_interval(math.log(d0))
             return
@@ -726,7 +728,7 @@ class LyapunovTwinRun(Callback):
             values["mle"].append(tangent.mle)
             if self.renormalize_every is not None and track.since == self.renormalize_every:
                 track.ftle = (track.now - track.interval_start) / track.since
-                track.start_interval(math.log(self._epsilon()))  # as a twin is pulled back to ε
+                track.start_interval(math.log(self._epsilon(seed=False)))  # as a twin is pulled back to ε
                 values["ftle"].append(track.ftle)
         self.per_twin = {
             "log_distance": [t.last for t in self._tracks],
