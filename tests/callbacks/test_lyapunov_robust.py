@@ -12,7 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from chaos_callbacks.callbacks._twin_mirror import HISTORY_POINTS, Track
+from chaos_callbacks.callbacks._twin_mirror import HISTORY_POINTS, Track, rescale_
+from chaos_callbacks.callbacks._twin_mirror import distance as mirror_distance
+from chaos_callbacks.dynamics.lyapunov import parameter_distance
 from chaos_callbacks.callbacks.lyapunov_twin import LyapunovTwinRun, _fit_or_none
 from chaos_callbacks.dynamics.lyapunov import local_exponent
 from tests.callbacks.test_lyapunov_twin import Keep, fit
@@ -172,3 +174,24 @@ def test_transformer_twin_agrees_with_tangent():
     for step in (2, 4, 6):
         for key in ("lyapunov/ftle", "lyapunov/mle", "lyapunov/mle_stderr", "lyapunov/log_distance"):
             assert runs["twin"][step][key] == pytest.approx(runs["tangent"][step][key], abs=1e-7), (step, key)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_per_step_distance_and_pull_back_against_float64(seed, dtype):
+    """The chunked per-step distance (float32 chunk dots for float32/bf16 weights) is within 1e-6
+    of the float64 distance of the same tensors, and the fused pull-back lands within rounding of
+    m + (t − m)·f, with the distance after it re-measured exactly the same way."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(700, 300), (300,), (1 << 17,), (3, 5)]
+    main = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    twin = [(m.double() + 1e-3 * torch.randn(s, generator=gen, dtype=torch.float64)).to(dtype) for m, s in zip(main, shapes)]
+    for norm in ("l2", "l1"):
+        exact = parameter_distance([t.double() for t in twin], [m.double() for m in main], norm)
+        assert float(mirror_distance(twin, main, norm)) == pytest.approx(float(exact), rel=1e-6 if dtype != torch.float64 else 1e-13)
+    expected = [(m.double() + (t.double() - m.double()) * 0.25) for t, m in zip(twin, main)]
+    scale = [m.double().abs() + t.double().abs() for t, m in zip(twin, main)]  # a two-operation rounding bound
+    rescale_(twin, main, 0.25)
+    unit = torch.finfo(dtype).eps
+    for t, e, sc in zip(twin, expected, scale):
+        assert torch.all((t.double() - e).abs() <= unit * sc)

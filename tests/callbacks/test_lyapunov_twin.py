@@ -307,7 +307,8 @@ def test_twin_equals_an_independent_run_from_the_perturbed_start(case):
         for t, b in zip(twin.buffers, references[i].buffers()):
             assert torch.equal(t, b)
     delta = [(t - p.detach()).double() for t, p in zip(callback._twins[1].params, main.parameters())]
-    assert callback.per_twin["distance"][1] == pytest.approx(float(torch.cat([d.reshape(-1) for d in delta]).norm()), rel=1e-12)
+    exact = float(torch.cat([d.reshape(-1) for d in delta]).norm())  # float32 weights: float32 chunk sums (≤ 1e-6)
+    assert callback.per_twin["distance"][1] == pytest.approx(exact, rel=1e-12 if main.dtype == torch.float64 else 1e-6)
     # function space: outputs of the runs (eval mode, the main step's autocast) on the first batch
     x = data.tensors[0][:16]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16-mixed"):
