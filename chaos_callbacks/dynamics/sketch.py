@@ -126,18 +126,20 @@ class StridedSignSketch:
     one sign per row of p elements, the correlated rows of u vᵀ (v ≥ 0) add coherently within
     a bucket, and the relative error of ||S x||² is O(1) instead of about sqrt(2 / p).
 
-    **Exactness.** Products s_i x_i are exact sign flips (computed in the parameters' dtype)
-    and are accumulated in float64: for float32 weights of comparable magnitudes the sums are
+    **Exactness.** Products s_i x_i are exact sign flips and are accumulated in float64: for float32 weights of comparable magnitudes the sums are
     exact, so S(a) − S(b) equals S(a − b) even when a and b differ by a few ulps.
 
     **Cost.** The signs are one float32 vector of length ``num_params`` (4 bytes per
     parameter), drawn with a CPU ``torch.Generator`` seeded by ``seed``: the map is a pure
     function of ``(num_params, dim, seed)`` on every device and only those three integers go
-    into a checkpoint. ``project`` works per parameter tensor, without concatenating them: the
-    head up to the next multiple of p and the tail are added to slices of y, the full rows in
-    chunks of ``_ROWS`` × p elements: one multiplication by the signs into a reused float64
-    buffer and one float64 matrix-vector product with ones (BLAS) summing the rows. The only
-    temporaries are that buffer and a vector of ones.
+    into a checkpoint. ``project`` streams the parameter tensors, never concatenating them,
+    through a reused float64 buffer of ``_ROWS`` rows of p: chunk c holds the signed products
+    s_i x_i of the global indices c·``_ROWS``·p … (c + 1)·``_ROWS``·p − 1 (one multiplication
+    per tensor piece, written straight into the buffer, so a chunk may span several tensors
+    and a tensor several chunks), and a full chunk is summed row-wise into y by one float64
+    matrix-vector product with ones (BLAS); the last chunk's partial row is padded with
+    zeros. A list and its concatenation therefore give bit-identical sketches. The only
+    temporaries are that buffer (``_ROWS`` · p float64) and a vector of ones.
 
     Args:
         num_params: total number of elements n over the parameter tensors.
@@ -199,33 +201,40 @@ class StridedSignSketch:
             self._buffer = torch.empty(self._ROWS * self.dim, dtype=torch.float64, device=device)
             self._ones = torch.ones(self._ROWS, dtype=torch.float64, device=device)
         out = torch.zeros(self.dim, dtype=torch.float64, device=device)
-        offset = 0
+        filled, offset = 0, 0  # products in the buffer, global index of the next tensor
         for p in params:
             if p.device != device:
                 raise ValueError(
                     f"all parameter tensors must be on one device; got {device} and {p.device}"
                 )
-            self._add_tensor(out, p.detach().reshape(-1), offset)
+            filled = self._stream(out, p.detach().reshape(-1), offset, filled)
             offset += p.numel()
+        if filled:  # the last, partial chunk: pad its last row with zeros
+            rows = -(-filled // self.dim)
+            self._buffer[filled : rows * self.dim].zero_()
+            self._add_rows(out, rows)
         return out
 
-    def _add_tensor(self, out: Tensor, flat: Tensor, offset: int) -> None:
-        """Add the sketch of ``flat``, whose first element has global index ``offset``."""
-        p, signs = self.dim, self._signs[offset : offset + flat.numel()]
-        first = offset % p
-        head = min((p - first) % p, flat.numel())  # elements before the next multiple of p
-        if head:
-            out[first : first + head].add_(flat[:head] * signs[:head])
-        rows = (flat.numel() - head) // p
-        for start in range(0, rows, self._ROWS):
-            count = min(self._ROWS, rows - start)
-            lo, hi = head + start * p, head + (start + count) * p
-            chunk = self._buffer[: count * p]
-            torch.mul(flat[lo:hi], signs[lo:hi], out=chunk)
-            out.addmv_(chunk.view(count, p).t(), self._ones[:count])
-        tail = head + rows * p
-        if tail < flat.numel():
-            out[: flat.numel() - tail].add_(flat[tail:] * signs[tail:])
+    def _stream(self, out: Tensor, flat: Tensor, offset: int, filled: int) -> int:
+        """Write s_i x_i of ``flat`` (global indices from ``offset``) after the buffer's first
+        ``filled`` products, summing each full chunk into ``out``; returns the new fill."""
+        capacity, signs = self._buffer.numel(), self._signs[offset : offset + flat.numel()]
+        start = 0
+        while start < flat.numel():
+            stop = min(start + capacity - filled, flat.numel())
+            chunk = self._buffer[filled : filled + stop - start]
+            torch.mul(flat[start:stop], signs[start:stop], out=chunk)  # exact: a sign flip
+            filled += stop - start
+            start = stop
+            if filled == capacity:
+                self._add_rows(out, self._ROWS)
+                filled = 0
+        return filled
+
+    def _add_rows(self, out: Tensor, rows: int) -> None:
+        """``out += chunkᵀ · 1``: the sum of the buffer's first ``rows`` rows of p, in float64."""
+        chunk = self._buffer[: rows * self.dim].view(rows, self.dim)
+        out.addmv_(chunk.t(), self._ones[:rows])
 
     def state_dict(self) -> dict[str, Any]:
         """``{"kind": "strided_sign", "num_params", "dim", "seed"}``."""
