@@ -22,7 +22,13 @@ from chaos_callbacks.dynamics.diffusion import (
     log_spaced_lags,
     sgd_temperature,
 )
-from chaos_callbacks.dynamics.sketch import CountSketch, ExactProjection, projector_from_state_dict
+from chaos_callbacks.dynamics.sketch import (
+    CountSketch,
+    ExactProjection,
+    StridedSignSketch,
+    largest_prime_at_most,
+    projector_from_state_dict,
+)
 
 ParamFilter = Callable[[str], bool] | Sequence[str] | None
 
@@ -67,8 +73,9 @@ class DiffusionTracker(Callback):
 
     Once per optimizer step ``t`` (every ``every_n_steps``-th step; with gradient accumulation,
     once per step, not per micro-batch) the trainable parameters are projected to a vector
-    ``x_t ∈ R^dim`` — a CountSketch (sparse Johnson–Lindenstrauss map, squared distances kept
-    to a relative error of about ``sqrt(2/dim)``) or, with ``exact=True``, the weights
+    ``x_t ∈ R^p`` — a :class:`~chaos_callbacks.dynamics.sketch.StridedSignSketch` (coordinate
+    i to bucket i mod p with a random sign, p the largest prime ≤ ``dim``; squared distances kept
+    to a relative error of about ``sqrt(2/p)``) or, with ``exact=True``, the weights
     themselves. Windows of ``window`` samples starting at waiting time ``t_w`` are analysed
     by :func:`chaos_callbacks.dynamics.diffusion.analyse_window`:
 
@@ -118,7 +125,11 @@ class DiffusionTracker(Callback):
 
     Args:
         window: samples per window (>= 4); a window spans ``window · every_n_steps`` steps.
-        dim: CountSketch dimension (ignored with ``exact=True``).
+        dim: sketch dimension bound (>= 2): the sketch has the largest prime ``p ≤ dim``
+            buckets (1024 → 1021; a prime avoids aligning a weight matrix's columns with the
+            buckets, see :class:`~chaos_callbacks.dynamics.sketch.StridedSignSketch`); ignored
+            with ``exact=True``. A run resumed from a checkpoint keeps the sketch it was written
+            with (older checkpoints: a ``CountSketch`` of dimension ``dim``).
         exact: record the exact weights; refused at fit start above ``max_exact_bytes``.
         lags: number of log-spaced MSD lags in ``[1, window − 1]`` (>= 3; the crossover test
             needs 6 fitted lags).
@@ -131,7 +142,7 @@ class DiffusionTracker(Callback):
         loss_key: take the loss from ``trainer.callback_metrics[loss_key]`` (e.g. a value the
             module logs in ``training_step``) instead of ``outputs["loss"]``.
         max_exact_bytes: memory cap of one exact window, ``8 · window · num_params`` bytes.
-        seed: seed of the CountSketch hashes and of the MSL pair subsampling.
+        seed: seed of the sketch's signs and of the MSL pair subsampling.
         crossover_level: significance level of the crossover test, in (0, 1).
         max_windows: most windows kept in :attr:`windows` (>= 2).
     """
@@ -153,7 +164,7 @@ class DiffusionTracker(Callback):
     ) -> None:
         owner = type(self).__name__
         self.window = check_int(owner, "window", window, minimum=MIN_WINDOW)
-        self.dim = check_int(owner, "dim", dim, minimum=1)
+        self.dim = check_int(owner, "dim", dim, minimum=2)
         self.exact = check_bool(owner, "exact", exact)
         self.num_lags = check_int(owner, "lags", lags, minimum=3)
         self.params = _check_params(owner, params)
@@ -171,7 +182,7 @@ class DiffusionTracker(Callback):
         self._warn = plumb.WarnOnce(owner)
         self._noticed: set[str] = set()  # kinds of omissions warned about (not skips)
         self._params: list[Tensor] = []
-        self._projector: CountSketch | ExactProjection | None = None
+        self._projector: StridedSignSketch | CountSketch | ExactProjection | None = None
         self._accumulator: WindowAccumulator | None = None
         self._pending: _Step | None = None
         self._fill = 0  # samples of the current window seen, usable or not
@@ -241,9 +252,9 @@ class DiffusionTracker(Callback):
             raise ValueError(f"{type(self).__name__}: params={self.params!r} selects no trainable parameter of {type(pl_module).__name__}")
         return [p for _, p in named]
 
-    def _new_projector(self, num_params: int) -> CountSketch | ExactProjection:
+    def _new_projector(self, num_params: int) -> StridedSignSketch | ExactProjection:
         if not self.exact:
-            return CountSketch(num_params, self.dim, self.seed)
+            return StridedSignSketch(num_params, largest_prime_at_most(self.dim), self.seed)
         needed = 8 * self.window * num_params
         if needed > self.max_exact_bytes:
             raise ValueError(

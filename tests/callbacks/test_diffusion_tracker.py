@@ -164,8 +164,9 @@ def test_sketch_agrees_with_exact_weights():
     rows = gaussian_rows(100, 4096, seed=3)
     exact, sketch = DiffusionTracker(window=100, exact=True), DiffusionTracker(window=100, dim=1024)
     walk(rows, [exact, sketch])
+    assert sketch.state_dict()["projector"] == {"kind": "strided_sign", "num_params": 4096, "dim": 1021, "seed": 0}  # largest prime ≤ 1024
     (e,), (s,) = exact.windows, sketch.windows
-    np.testing.assert_allclose(s.msd, e.msd, rtol=3 * math.sqrt(2 / 1024))
+    np.testing.assert_allclose(s.msd, e.msd, rtol=3 * math.sqrt(2 / 1021))
     assert s.exponent == pytest.approx(e.exponent, abs=0.03)
     assert s.loss_variance == e.loss_variance  # the same losses
 
@@ -201,6 +202,33 @@ def test_resume_continues_as_if_never_interrupted(tmp_path):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
         np.testing.assert_array_equal(list(a.scalars().values()), list(b.scalars().values()))  # NaN == NaN
         assert a.t_w == b.t_w
+
+
+def test_checkpoint_with_a_count_sketch_resumes_with_the_same_count_sketch(tmp_path, monkeypatch):
+    # a checkpoint of an earlier version (projector kind "count_sketch", dim 1024) keeps its
+    # sketch on resume: the resumed windows equal those of an uninterrupted CountSketch run
+    from chaos_callbacks.dynamics.sketch import CountSketch
+
+    def old_projector(self, num_params):
+        return CountSketch(num_params, self.dim, self.seed)
+
+    def run(ckpt_path=None, save=False):
+        pl.seed_everything(0, verbose=False)
+        tracker = DiffusionTracker(window=9)
+        cbs = [tracker] + ([ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")] if save else [])
+        trainer(callbacks=cbs, max_epochs=5, enable_checkpointing=save).fit(TinyNet(), loader(shuffle=False), ckpt_path=ckpt_path)
+        return tracker
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DiffusionTracker, "_new_projector", old_projector)
+        full = run(save=True)
+    resumed = run(ckpt_path=str(tmp_path / "epoch=1.ckpt"))
+    assert isinstance(resumed._projector, CountSketch) and resumed._projector.dim == 1024
+    assert resumed.state_dict()["projector"]["kind"] == "count_sketch"
+    assert [w.t_w for w in resumed.windows] == [w.t_w for w in full.windows] == [0, 9]
+    for a, b in zip(full.windows, resumed.windows):
+        np.testing.assert_array_equal(a.msd, b.msd)
+        np.testing.assert_array_equal(list(a.scalars().values()), list(b.scalars().values()))
 
 
 def test_bit_identical_training_with_tracker(tmp_path):
@@ -312,12 +340,12 @@ def test_optimizer_without_lr_omits_only_the_temperature():
 
 
 def test_a_failing_hook_is_contained(monkeypatch):
-    from chaos_callbacks.dynamics.sketch import CountSketch
+    from chaos_callbacks.dynamics.sketch import StridedSignSketch
 
     def explode(self, params):
         raise RuntimeError("projection exploded")
 
-    monkeypatch.setattr(CountSketch, "project", explode)
+    monkeypatch.setattr(StridedSignSketch, "project", explode)
     tracker = DiffusionTracker(window=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -365,6 +393,7 @@ def test_parameter_filters_and_fit_start_errors():
         dict(window=3),
         dict(window=10.0),
         dict(dim=0),
+        dict(dim=1),
         dict(exact="yes"),
         dict(lags=2),
         dict(params=42),
