@@ -19,9 +19,10 @@ Instruments, at their defaults:
 * ``GradientTailFitter()`` (every 50 steps; ``--steps`` should be a multiple of 50).
 * ``LyapunovTwinRun()`` (one twin, renormalised every 10 steps); 2.0 is the floor (one extra
   forward and backward per step).
-* ``HessianSpectrumMonitor()`` (every 200 steps), for information: the CPU time inside its hook
-  per estimate, measured on the first estimate(s) of a run, extrapolated to the ratio
-  ``1 + estimate / (200 · step)`` (the runs are too short to hold several estimates at 1e7).
+* ``HessianSpectrumMonitor()`` (every 200 steps): the CPU time inside its hook per estimate in one
+  run of ``(--monitor-estimates − 1) · 200 + 1`` steps — the cold first estimate and the median of the
+  warm refreshes after it, with their HVPs — and the ratio ``1 + warm / (200 · step)`` (the cold
+  estimate is paid once per fit).
 
 Run from the repository root::
 
@@ -158,14 +159,29 @@ def compare(key: str, hidden: int, data: TensorDataset, warmup: int, steps: int,
     return {"base": base, "with": watched, "ratios": ratios, "hooks": hooks}
 
 
-def monitor_estimate(hidden: int, data: TensorDataset, warmup: int, steps: int) -> dict[str, float]:
-    """CPU seconds inside the monitor's hook per estimate, and per step without it."""
+def monitor_estimate(hidden: int, data: TensorDataset, estimates: int) -> dict[str, Any]:
+    """CPU seconds inside the monitor's hook per estimate — the cold first one and the median of the
+    ``estimates − 1`` warm refreshes after it, ``every_n_steps`` SGD steps apart — and their products."""
     callback = INSTRUMENTS["monitor"][1]()
     record = hook_timer(callback)
-    run(hidden, data, warmup, steps, callback)
+    hvps: list[float] = []
+
+    class Products(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if callback._last_step == trainer.global_step - 1 and callback.last_estimate:
+                hvps.append(callback.last_estimate.get("hessian/hvps", math.nan))
+                callback.last_estimate = {}
+
     every = callback.every_n_steps
-    estimates = [s for step, s in record if step % every == 0]
-    return {"estimate": statistics.median(estimates), "count": len(estimates), "every": every}
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=(estimates - 1) * every + 1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[callback, Products()],
+    )
+    trainer.fit(Net(hidden), DataLoader(data, batch_size=BATCH))
+    seconds = [s for step, s in record if step % every == 0]
+    return {"cold": seconds[0], "warm": statistics.median(seconds[1:]) if len(seconds) > 1 else math.nan,
+            "hvps_cold": hvps[0] if hvps else math.nan, "hvps_warm": statistics.median(hvps[1:]) if len(hvps) > 1 else math.nan,
+            "count": len(seconds), "every": every}
 
 
 def main() -> None:
@@ -174,6 +190,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1000, 400, 200], help="timed steps per run, one per size (or one for all)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--monitor-estimates", type=int, default=4, help="monitor: a cold estimate and this many minus one warm ones")
     parser.add_argument("--only", nargs="+", default=list(INSTRUMENTS), choices=list(INSTRUMENTS))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -190,10 +207,12 @@ def main() -> None:
         for key in args.only:
             name = INSTRUMENTS[key][0]
             if key == "monitor":
-                base = statistics.median(run(hidden, data, args.warmup, steps, None) for _ in range(2))
-                est = monitor_estimate(hidden, data, 0, max(1, min(steps, 2)))
-                ratio = 1 + est["estimate"] / (est["every"] * base)
-                rows.append([name, f"{n:,}", CADENCE[key], "–", f"{ratio:.3f} (extrapolated)", 1e3 * base, f"{1e3 * est['estimate']:.0f} ms per estimate ({est['count']} timed)"])
+                base = statistics.median(run(hidden, data, args.warmup, min(steps, 200), None) for _ in range(2))
+                est = monitor_estimate(hidden, data, args.monitor_estimates)
+                ratio = 1 + est["warm"] / (est["every"] * base)
+                rows.append([name, f"{n:,}", CADENCE[key], "–", f"{ratio:.3f} (warm estimates / {est['every']} steps)", 1e3 * base,
+                             f"warm estimate {1e3 * est['warm']:.0f} ms, {est['hvps_warm']:g} HVPs (median of {est['count'] - 1}); "
+                             f"cold {1e3 * est['cold']:.0f} ms, {est['hvps_cold']:g} HVPs"])
                 continue
             out = compare(key, hidden, data, args.warmup, steps, args.repeats)
             base = statistics.median(out["base"])

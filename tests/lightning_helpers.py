@@ -138,6 +138,14 @@ class Recorder(Callback):
         self.rng.append(torch.get_rng_state())
 
 
+AREAS = frozenset({"hessian", "lyapunov", "curvature_lr", "diffusion", "grad_tail"})
+
+
+def ours(tag: str) -> bool:
+    """A tag a chaos_callbacks callback wrote: ``[<prefix>]<area>/<quantity>``."""
+    return bool(AREAS.intersection(tag.split("/")[:-1]))
+
+
 def fit_snapshot(model_kwargs: dict[str, Any], callbacks: list[Callback], seed: int = 0, **trainer_kwargs: Any) -> dict[str, Any]:
     """Train a TinyNet from ``seed`` and return everything the run produced."""
     pl.seed_everything(seed, verbose=False)
@@ -150,7 +158,7 @@ def fit_snapshot(model_kwargs: dict[str, Any], callbacks: list[Callback], seed: 
         "optimizer": copy.deepcopy(t.optimizers[0].state_dict()),
         "logged": recorder.values,
         "rng": recorder.rng,
-        "epoch_metrics": {k: float(v) for k, v in t.callback_metrics.items() if not k.startswith(("hessian", "lyapunov", "curvature_lr", "diffusion", "grad_tail"))},
+        "epoch_metrics": {k: float(v) for k, v in t.callback_metrics.items() if not ours(k)},
         "final_rng": torch.get_rng_state(),
     }
 

@@ -232,8 +232,10 @@ def log_scalars(
     metrics: dict[str, float],
     step: int,
     prog_bar: Sequence[str] = (),
+    prefix: str = "",
 ) -> None:
-    """Write ``metrics`` to every logger at ``step`` and to ``callback_metrics``/progress bar.
+    """Write ``metrics`` to every logger at ``step`` and to ``callback_metrics``/progress bar, each
+    name preceded by the callback's ``prefix`` (``prog_bar`` names are given without it).
 
     Loggers are written directly (``logger.log_metrics``), so sparse estimates are never dropped
     by ``log_every_n_steps``; the values also go straight into ``trainer.callback_metrics`` (and
@@ -242,14 +244,15 @@ def log_scalars(
     manual optimization), it switches Lightning's current hook, and on the first batch Lightning then
     resets what ``training_step`` had logged so far (a GAN's ``g_loss`` vanished from the loggers).
     """
-    finite = {k: float(v) for k, v in metrics.items() if v is not None}
+    finite = {prefix + k: float(v) for k, v in metrics.items() if v is not None}
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(finite, step=step)
+    shown = {prefix + name for name in prog_bar}
     for name, value in finite.items():
         tensor = torch.tensor(value, dtype=torch.float32)
         trainer.callback_metrics[name] = tensor
-        if name in prog_bar:
+        if name in shown:
             trainer.progress_bar_metrics[name] = tensor
 
 
@@ -312,7 +315,8 @@ def contain_failures(area: str, warn: str = "_warn") -> Callable[[Callable[..., 
                 counter: WarnOnce = getattr(self, warn)
                 counter(f"error:{type(exc).__name__}", f"{hook.__name__} failed at step {trainer.global_step} with {type(exc).__name__}: {exc}")
                 try:
-                    log_scalars(trainer, pl_module, {f"{area}/skipped": counter.count}, trainer.global_step)
+                    log_scalars(trainer, pl_module, {f"{area}/skipped": counter.count}, trainer.global_step,
+                                prefix=getattr(self, "prefix", ""))
                 except Exception:  # logging itself failed: the warning above is all we can do
                     pass
                 return None
@@ -320,6 +324,23 @@ def contain_failures(area: str, warn: str = "_warn") -> Callable[[Callable[..., 
         return contained
 
     return decorate
+
+
+def prefix_key(prefix: str) -> dict[str, str]:
+    """The ``prefix`` entry of a callback's ``state_key`` (none when empty: older checkpoints keep their keys)."""
+    return {"prefix": prefix} if prefix else {}
+
+
+def check_unique_tags(callback: Any, trainer: Trainer) -> None:
+    """Refuse (``ValueError``, at fit start) a second callback writing the same tags: same ``AREA``
+    (``hessian``, ``lyapunov``, …) and same ``prefix``; tags are ``<prefix><area>/<quantity>``."""
+    for other in trainer.callbacks:
+        if other is not callback and getattr(other, "AREA", None) == callback.AREA and other.prefix == callback.prefix:
+            raise ValueError(
+                f"{type(callback).__name__}: prefix={callback.prefix!r} is also the prefix of another "
+                f"{type(other).__name__} in Trainer(callbacks=...); both would write the same '{callback.prefix}{callback.AREA}/...' "
+                "tags. Give each instance its own prefix, e.g. prefix='probe_a/' and prefix='probe_b/'"
+            )
 
 
 def is_finite(*values: float | None) -> bool:

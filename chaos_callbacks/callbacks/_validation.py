@@ -111,3 +111,13 @@ def check_regex(owner: str, name: str, value: Any, allow_none: bool = True) -> r
         return re.compile(value)
     except re.error as exc:
         raise _fail(owner, name, f"a valid regular expression ({exc})", value) from exc
+
+
+_PREFIX = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*/?")
+
+
+def check_prefix(owner: str, name: str, value: Any) -> str:
+    """A tag prefix: ``""`` or names of letters, digits, ``_.-`` joined by single slashes (e.g. ``"probe_a/"``)."""
+    if not isinstance(value, str) or (value and not _PREFIX.fullmatch(value)):
+        raise _fail(owner, name, "a string of letters, digits, '_.-' and single '/' not starting with '/' (e.g. 'probe_a/')", value)
+    return value

@@ -136,7 +136,12 @@ class CurvatureLRScheduler(Callback):
         share: reuse another callback's certified ``λ_max`` (or ``‖Hg‖/‖g‖``) of the same operator at
             the same step (see above).
         seed: seed of the random Lanczos start vectors (same on every rank).
+        prefix: prepended to every tag this callback writes (``"probe_a/"`` → ``probe_a/curvature_lr/...``),
+            so that two instances can run side by side; two instances of one area with the same
+            prefix are refused (identical ones by Lightning when the Trainer is built, others at fit start).
     """
+
+    AREA = "curvature_lr"  #: tags are ``<prefix>curvature_lr/<quantity>``
 
     def __init__(
         self,
@@ -156,8 +161,10 @@ class CurvatureLRScheduler(Callback):
         warm_start: bool = True,
         share: bool = True,
         seed: int = 0,
+        prefix: str = "",
     ) -> None:
         name = type(self).__name__
+        self.prefix = V.check_prefix(name, "prefix", prefix)
         self.every_n_steps = V.check_int(name, "every_n_steps", every_n_steps, minimum=1)
         self.mode = V.check_choice(name, "mode", mode, ("quasi_newton", "edge_of_stability", "dal"))
         self.scale = V.check_float(name, "scale", scale, 0, low_open=True)
@@ -188,7 +195,7 @@ class CurvatureLRScheduler(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, mode=self.mode, probe=self.probe)
+        return self._generate_state_key(every_n_steps=self.every_n_steps, mode=self.mode, probe=self.probe, **plumb.prefix_key(self.prefix))
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -204,6 +211,9 @@ class CurvatureLRScheduler(Callback):
         plumb.check_loss_resolvable(pl_module, self.loss_fn, name)
         if len(trainer.optimizers) != 1:
             raise ValueError(f"{name} sets the rate of exactly one optimizer; the module configured {len(trainer.optimizers)}")
+        if any(isinstance(cb, CurvatureLRScheduler) and cb is not self for cb in trainer.callbacks):
+            raise ValueError(f"{name}: Trainer(callbacks=...) holds two {name}s; both would set the learning rate of the one "
+                             "optimizer. Keep one (a HessianSpectrumMonitor can watch another curvature alongside it)")
         optimizer = trainer.optimizers[0]
         others = [type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
         if others:
@@ -249,7 +259,7 @@ class CurvatureLRScheduler(Callback):
                 "curvature_lr/hvps": None if hvps is None else float(hvps),
             }
             self.last_estimate = {k: v for k, v in metrics.items() if v is not None}
-            plumb.log_scalars(trainer, pl_module, self.last_estimate, step, prog_bar=("curvature_lr/lr",))
+            plumb.log_scalars(trainer, pl_module, self.last_estimate, step, prog_bar=("curvature_lr/lr",), prefix=self.prefix)
 
     # ------------------------------------------------------------------ rate
     def _stability_threshold(self, optimizer: Optimizer) -> float:

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from chaos_callbacks.callbacks import _plumbing as plumb
-from chaos_callbacks.callbacks._validation import check_bool, check_float, check_int
+from chaos_callbacks.callbacks._validation import check_bool, check_float, check_int, check_prefix
 from chaos_callbacks.dynamics.diffusion import (
     MIN_WINDOW,
     WindowAccumulator,
@@ -145,7 +145,12 @@ class DiffusionTracker(Callback):
         seed: seed of the sketch's signs and of the MSL pair subsampling.
         crossover_level: significance level of the crossover test, in (0, 1).
         max_windows: most windows kept in :attr:`windows` (>= 2).
+        prefix: prepended to every tag this callback writes (``"probe_a/"`` → ``probe_a/diffusion/...``),
+            so that two instances can run side by side; two instances of one area with the same
+            prefix are refused (identical ones by Lightning when the Trainer is built, others at fit start).
     """
+
+    AREA = "diffusion"  #: tags are ``<prefix>diffusion/<quantity>``
 
     def __init__(
         self,
@@ -161,8 +166,10 @@ class DiffusionTracker(Callback):
         seed: int = 0,
         crossover_level: float = 0.01,
         max_windows: int = 100,
+        prefix: str = "",
     ) -> None:
         owner = type(self).__name__
+        self.prefix = check_prefix(owner, "prefix", prefix)
         self.window = check_int(owner, "window", window, minimum=MIN_WINDOW)
         self.dim = check_int(owner, "dim", dim, minimum=2)
         self.exact = check_bool(owner, "exact", exact)
@@ -194,8 +201,12 @@ class DiffusionTracker(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            window=self.window, dim=self.dim, exact=self.exact, every_n_steps=self.every_n_steps, seed=self.seed
+            window=self.window, dim=self.dim, exact=self.exact, every_n_steps=self.every_n_steps, seed=self.seed,
+            **plumb.prefix_key(self.prefix),
         )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        plumb.check_unique_tags(self, trainer)
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -324,7 +335,7 @@ class DiffusionTracker(Callback):
             self._accumulator.reset()
             kind, message = problem
             self._warn(kind, f"diffusion window t_w={self._window_start} dropped: {message}")
-            plumb.log_scalars(trainer, pl_module, {"diffusion/skipped": self._warn.count}, pending.step)
+            plumb.log_scalars(trainer, pl_module, {"diffusion/skipped": self._warn.count}, pending.step, prefix=self.prefix)
             return
         if self.every_n_steps > 1:  # lags were counted in samples
             k = self.every_n_steps
@@ -335,7 +346,7 @@ class DiffusionTracker(Callback):
         metrics = {f"diffusion/{name}": value for name, value in stats.scalars().items() if math.isfinite(value)}
         if temperatures:
             metrics["diffusion/temperature"] = sum(temperatures) / len(temperatures)
-        plumb.log_scalars(trainer, pl_module, metrics, pending.step, prog_bar=("diffusion/exponent",))
+        plumb.log_scalars(trainer, pl_module, metrics, pending.step, prog_bar=("diffusion/exponent",), prefix=self.prefix)
         if self.figure_every_n_windows and self._num_windows % self.figure_every_n_windows == 0:
             self._log_figures(trainer, pending.step)
 
@@ -351,10 +362,10 @@ class DiffusionTracker(Callback):
         from chaos_callbacks.plotting.diffusion import exponents_figure, msd_figure, msd_log_derivative_figure, msl_figure
 
         windows = list(self.windows)
-        plumb.log_figure(trainer, "diffusion/exponents", lambda: exponents_figure(windows), step)
-        plumb.log_figure(trainer, "diffusion/msd", lambda: msd_figure(windows), step)
-        plumb.log_figure(trainer, "diffusion/msd_log_derivative", lambda: msd_log_derivative_figure(windows), step)
-        plumb.log_figure(trainer, "diffusion/msl", lambda: msl_figure(windows), step)
+        plumb.log_figure(trainer, f"{self.prefix}diffusion/exponents", lambda: exponents_figure(windows), step)
+        plumb.log_figure(trainer, f"{self.prefix}diffusion/msd", lambda: msd_figure(windows), step)
+        plumb.log_figure(trainer, f"{self.prefix}diffusion/msd_log_derivative", lambda: msd_log_derivative_figure(windows), step)
+        plumb.log_figure(trainer, f"{self.prefix}diffusion/msl", lambda: msl_figure(windows), step)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from chaos_callbacks.callbacks import _plumbing as plumb
-from chaos_callbacks.callbacks._validation import check_bool, check_choice, check_float, check_int, check_regex
+from chaos_callbacks.callbacks._validation import check_bool, check_choice, check_float, check_int, check_prefix, check_regex
 from chaos_callbacks.dynamics.tails import MIN_SAMPLES, TailSummary, analyse_tails, fit_symmetric_stable
 
 Target = Literal["gradient", "noise"]
@@ -226,7 +226,12 @@ class GradientTailFitter(Callback):
         figure_every_n_estimates: draw the density figure every this many estimates (0: never);
             only with a TensorBoard logger attached.
         seed: seed (>= 0) of the entry sampling (and of the ``mle`` subsample).
+        prefix: prepended to every tag this callback writes (``"probe_a/"`` → ``probe_a/grad_tail/...``),
+            so that two instances can run side by side; two instances of one area with the same
+            prefix are refused (identical ones by Lightning when the Trainer is built, others at fit start).
     """
+
+    AREA = "grad_tail"  #: tags are ``<prefix>grad_tail/<quantity>``
 
     def __init__(
         self,
@@ -240,7 +245,9 @@ class GradientTailFitter(Callback):
         max_layers: int = 32,
         figure_every_n_estimates: int = 10,
         seed: int = 0,
+        prefix: str = "",
     ) -> None:
+        self.prefix = check_prefix(_OWNER, "prefix", prefix)
         self.every_n_steps = check_int(_OWNER, "every_n_steps", every_n_steps, minimum=1)
         self.num_samples = check_int(_OWNER, "num_samples", num_samples, minimum=MIN_SAMPLES)
         self.method = check_choice(_OWNER, "method", method, ("quantile", "mle"))
@@ -262,8 +269,12 @@ class GradientTailFitter(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            every_n_steps=self.every_n_steps, num_samples=self.num_samples, method=self.method, target=self.target
+            every_n_steps=self.every_n_steps, num_samples=self.num_samples, method=self.method, target=self.target,
+            **plumb.prefix_key(self.prefix),
         )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        plumb.check_unique_tags(self, trainer)
 
     # ------------------------------------------------------------------ hook
     @plumb.contain_failures("grad_tail")
@@ -377,7 +388,7 @@ class GradientTailFitter(Callback):
         if not metrics:
             return
         self.last_estimate = metrics
-        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=(f"grad_tail/{part}alpha",))
+        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=(f"grad_tail/{part}alpha",), prefix=self.prefix)
         if tails is not None:
             self._num_estimates[index] = self._num_estimates.get(index, 0) + 1
             self._log_distribution(trainer, part, index, samples, tails.fit.alpha, tails.fit.scale, step)
@@ -451,17 +462,17 @@ class GradientTailFitter(Callback):
     def _log_distribution(self, trainer: Trainer, part: str, index: int, samples: Tensor, alpha: float, scale: float, step: int) -> None:
         if not plumb.tensorboard_loggers(trainer):
             return
-        plumb.log_histogram(trainer, f"grad_tail/{part}samples", samples, step)
+        plumb.log_histogram(trainer, f"{self.prefix}grad_tail/{part}samples", samples, step)
         if self.figure_every_n_estimates and (self._num_estimates[index] - 1) % self.figure_every_n_estimates == 0:
             from chaos_callbacks.plotting.tails import tail_density_figure
 
             what = "gradient" if self.target == "gradient" else "gradient noise"
             figure = functools.partial(tail_density_figure, samples.numpy(), alpha, scale, what)
-            plumb.log_figure(trainer, f"grad_tail/{part}density", figure, step)
+            plumb.log_figure(trainer, f"{self.prefix}grad_tail/{part}density", figure, step)
 
     def _skip(self, trainer: Trainer, pl_module: LightningModule, step: int, kind: str, message: str) -> None:
         self._warn(kind, f"gradient tail fit skipped at step {trainer.global_step}: {message}")
-        plumb.log_scalars(trainer, pl_module, {"grad_tail/skipped": self._warn.count}, step)
+        plumb.log_scalars(trainer, pl_module, {"grad_tail/skipped": self._warn.count}, step, prefix=self.prefix)
 
     @torch.no_grad()
     def _update_ema(self, grads: dict[str, Tensor], loss_scale: float) -> None:

@@ -101,7 +101,12 @@ class HessianSpectrumMonitor(Callback):
             ``"eval"``.
         warm_start: start each Lanczos run from the previous Ritz vectors.
         seed: seed of the random start vectors and probes (same on every rank).
+        prefix: prepended to every tag this callback writes (``"probe_a/"`` → ``probe_a/hessian/...``),
+            so that two instances can run side by side; two instances of one area with the same
+            prefix are refused (identical ones by Lightning when the Trainer is built, others at fit start).
     """
+
+    AREA = "hessian"  #: tags are ``<prefix>hessian/<quantity>``
 
     def __init__(
         self,
@@ -127,8 +132,10 @@ class HessianSpectrumMonitor(Callback):
         lambda_min_max_hvps: int = 150,
         max_basis: int | None = None,
         checkpoint_warm_vectors: WarmFormat = "full",
+        prefix: str = "",
     ) -> None:
         name = type(self).__name__
+        self.prefix = V.check_prefix(name, "prefix", prefix)
         self.every_n_steps = V.check_int(name, "every_n_steps", every_n_steps, minimum=1)
         self.top_k = V.check_int(name, "top_k", top_k, minimum=1)
         self.loss_fn = V.check_callable(name, "loss_fn", loss_fn)
@@ -176,10 +183,11 @@ class HessianSpectrumMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, top_k=self.top_k, method=self.method, probe=self.probe)
+        return self._generate_state_key(every_n_steps=self.every_n_steps, top_k=self.top_k, method=self.method, probe=self.probe, **plumb.prefix_key(self.prefix))
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        plumb.check_unique_tags(self, trainer)
         plumb.check_loss_resolvable(pl_module, self.loss_fn, type(self).__name__)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -199,7 +207,7 @@ class HessianSpectrumMonitor(Callback):
             metrics, density = outcome.get()
         except Exception as exc:  # any failure inside a diagnostic: skip, warn once per kind, count, go on
             self._warn(type(exc).__name__, f"Hessian estimate skipped at step {step} ({type(exc).__name__}: {exc})")
-            plumb.log_scalars(trainer, pl_module, {"hessian/skipped": self._warn.count}, step)
+            plumb.log_scalars(trainer, pl_module, {"hessian/skipped": self._warn.count}, step, prefix=self.prefix)
             return
         lr = plumb.current_lr(trainer)
         if lr is not None and metrics.get("hessian/lambda_max") is not None:
@@ -207,9 +215,9 @@ class HessianSpectrumMonitor(Callback):
         if density is not None:
             from chaos_callbacks.plotting.hessian import spectral_density_figure
 
-            plumb.log_figure(trainer, "hessian/spectral_density", lambda: spectral_density_figure(density), step)
+            plumb.log_figure(trainer, f"{self.prefix}hessian/spectral_density", lambda: spectral_density_figure(density), step)
         self.last_estimate = metrics
-        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=("hessian/lambda_max",))
+        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=("hessian/lambda_max",), prefix=self.prefix)
 
     # ------------------------------------------------------------------ estimate
     def _curvature_due(self, trainer: Trainer, step: int) -> bool:

@@ -200,6 +200,9 @@ class LyapunovTwinRun(Callback):
         summary_every_n_steps: cadence of the local-exponent fit and of the figure (also at fit
             end); ``None``: fit end only.
         seed: seed of the perturbation generator (never the global RNG; the same on every rank).
+        prefix: prepended to every tag this callback writes (``"probe_a/"`` → ``probe_a/lyapunov/...``),
+            so that two instances can run side by side; two instances of one area with the same
+            prefix are refused (identical ones by Lightning when the Trainer is built, others at fit start).
 
     Attributes:
         last_metrics: the values logged at the last optimizer step (and the last summary).
@@ -208,6 +211,8 @@ class LyapunovTwinRun(Callback):
         local_fits: the last :class:`~chaos_callbacks.dynamics.lyapunov.LocalExponentFit` of each
             twin (free evolution; ``None`` with fewer than 3 samples).
     """
+
+    AREA = "lyapunov"  #: tags are ``<prefix>lyapunov/<quantity>``
 
     def __init__(
         self,
@@ -222,8 +227,10 @@ class LyapunovTwinRun(Callback):
         loss_fn: plumb.LossFn | None = None,
         summary_every_n_steps: int | None = 100,
         seed: int = 0,
+        prefix: str = "",
     ) -> None:
         owner = type(self).__name__
+        self.prefix = check.check_prefix(owner, "prefix", prefix)
         self.mode: Mode = check.check_choice(owner, "mode", mode, ("twin", "tangent"))
         self.renormalize_every = check.check_int(owner, "renormalize_every", renormalize_every, minimum=1, allow_none=True)
         self.n_twins: int = check.check_int(owner, "n_twins", n_twins, minimum=1)  # type: ignore[assignment]
@@ -269,7 +276,8 @@ class LyapunovTwinRun(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            mode=self.mode, renormalize_every=self.renormalize_every, n_twins=self.n_twins, seed=self.seed
+            mode=self.mode, renormalize_every=self.renormalize_every, n_twins=self.n_twins, seed=self.seed,
+            **plumb.prefix_key(self.prefix),
         )
 
     @property
@@ -293,6 +301,7 @@ class LyapunovTwinRun(Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        plumb.check_unique_tags(self, trainer)
         plumb.check_loss_resolvable(pl_module, self.loss_fn, type(self).__name__)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -368,7 +377,7 @@ class LyapunovTwinRun(Callback):
             self._skips_logged = self._skip_warn.count
             metrics["lyapunov/skipped"] = float(self._skip_warn.count)
         self.last_metrics = metrics
-        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=("lyapunov/mle",))
+        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=("lyapunov/mle",), prefix=self.prefix)
         if self.summary_every_n_steps and step % self.summary_every_n_steps == 0:
             self._summary(trainer, pl_module, step)
 
@@ -699,7 +708,7 @@ class LyapunovTwinRun(Callback):
         step, before = getattr(self, "_step_hvps", (None, 0))
         count = op.num_matvecs + (before if step == trainer.global_step else 0)
         self._step_hvps = (trainer.global_step, count)
-        plumb.log_scalars(trainer, pl_module, {"lyapunov/hvps": float(count)}, trainer.global_step)
+        plumb.log_scalars(trainer, pl_module, {"lyapunov/hvps": float(count)}, trainer.global_step, prefix=self.prefix)
 
     def _tangent_step(self, trainer: Trainer, hyper: list[dict[str, Any]], step: int) -> dict[str, float]:
         try:
@@ -752,14 +761,14 @@ class LyapunovTwinRun(Callback):
                 metrics = _summarise({"local_exponent": [f.slope for f in fits]}, with_stderr=("local_exponent",))
                 metrics["lyapunov/saturated"] = sum(f.saturated for f in fits) / len(fits)
                 self.last_metrics = {**self.last_metrics, **metrics}
-                plumb.log_scalars(trainer, pl_module, metrics, step)
+                plumb.log_scalars(trainer, pl_module, metrics, step, prefix=self.prefix)
 
         def figure() -> Any:
             from chaos_callbacks.plotting.lyapunov import log_distance_figure
 
             return log_distance_figure(self.log_distance_curves(), self.local_fits, mle=self.mle)
 
-        plumb.log_figure(trainer, "lyapunov/log_distance", figure, step)
+        plumb.log_figure(trainer, f"{self.prefix}lyapunov/log_distance", figure, step)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -67,7 +67,8 @@ class ChaosSummary(Callback):
 
     def summary(self, trainer: Trainer) -> str:
         metrics = trainer.callback_metrics
-        rows = [(name, float(metrics[name])) for name in HEADLINES if name in metrics]
+        # each headline as logged, also under a callback's ``prefix`` (``probe_a/hessian/lambda_max``)
+        rows = [(tag, float(metrics[tag])) for name in HEADLINES for tag in sorted(metrics) if tag == name or tag.endswith("/" + name)]
         width = max([len(n) for n, _ in rows] + [10])
         lines = [f"{'quantity':<{width}}  value", f"{'-' * width}  ----------"]
         lines += [f"{name:<{width}}  {value:.6g}" for name, value in rows]

@@ -208,9 +208,9 @@ def test_a_user_scheduler_on_the_same_optimizer_is_refused():
 
     with pytest.raises(ValueError, match="StepLR"):
         trainer(callbacks=[CurvatureLRScheduler()], max_steps=1, max_epochs=None).fit(WithStepLR(), loader())
-    # two curvature schedulers on one optimizer: the second sees the first's HeldLR
-    with pytest.raises(ValueError, match="HeldLR"):
-        trainer(callbacks=[CurvatureLRScheduler(), CurvatureLRScheduler(mode="dal")], max_steps=1, max_epochs=None).fit(TinyNet(), loader())
+    # two curvature schedulers on one optimizer, whatever their prefixes
+    with pytest.raises(ValueError, match="holds two CurvatureLRSchedulers"):
+        trainer(callbacks=[CurvatureLRScheduler(), CurvatureLRScheduler(mode="dal", prefix="dal/")], max_steps=1, max_epochs=None).fit(TinyNet(), loader())
 
 
 class MemoryLogger(Logger):

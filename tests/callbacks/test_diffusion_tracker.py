@@ -162,7 +162,7 @@ def test_confined_walk_stops_diffusing_at_long_lags():
 
 def test_sketch_agrees_with_exact_weights():
     rows = gaussian_rows(100, 4096, seed=3)
-    exact, sketch = DiffusionTracker(window=100, exact=True), DiffusionTracker(window=100, dim=1024)
+    exact, sketch = DiffusionTracker(window=100, exact=True, prefix="exact/"), DiffusionTracker(window=100, dim=1024)
     walk(rows, [exact, sketch])
     assert sketch.state_dict()["projector"] == {"kind": "strided_sign", "num_params": 4096, "dim": 1021, "seed": 0}  # largest prime ≤ 1024
     (e,), (s,) = exact.windows, sketch.windows
@@ -174,7 +174,7 @@ def test_sketch_agrees_with_exact_weights():
 def test_each_step_pairs_the_weights_before_it_with_its_mean_micro_batch_loss():
     # 7 micro-batches with accumulate_grad_batches=2: steps of 2, 2, 2 and (at the epoch end) 1
     rows = torch.arange(1.0, 8.0, dtype=torch.float64)[:, None] * torch.linspace(-1, 1, 8, dtype=torch.float64)
-    from_outputs, from_metric, capture = DiffusionTracker(window=10, exact=True), DiffusionTracker(window=10, exact=True, seed=1, loss_key="walk_loss"), Capture()
+    from_outputs, from_metric, capture = DiffusionTracker(window=10, exact=True), DiffusionTracker(window=10, exact=True, seed=1, loss_key="walk_loss", prefix="keyed/"), Capture()
     walk(rows, [capture, from_outputs, from_metric], init=torch.ones(8, dtype=torch.float64), accumulate_grad_batches=2)
     assert [len(capture.losses[t]) for t in range(4)] == [2, 2, 2, 1]
     X = capture.trajectory(range(4))
@@ -235,7 +235,7 @@ def test_bit_identical_training_with_tracker(tmp_path):
     model_kwargs = dict(batch_norm=True, dropout=0.3, momentum=0.9)
     kw = dict(max_epochs=4, accumulate_grad_batches=2)
     baseline = fit_snapshot(model_kwargs, [], logger=TensorBoardLogger(tmp_path, name="a"), **kw)
-    trackers = [DiffusionTracker(window=4, figure_every_n_windows=2), DiffusionTracker(window=4, exact=True, every_n_steps=2)]
+    trackers = [DiffusionTracker(window=4, figure_every_n_windows=2), DiffusionTracker(window=4, exact=True, every_n_steps=2, prefix="exact/")]
     watched = fit_snapshot(model_kwargs, trackers, logger=TensorBoardLogger(tmp_path, name="b"), **kw)
     assert len(trackers[0].windows) == 2 and len(trackers[1].windows) == 1
     assert_identical_runs(baseline, watched)

@@ -390,7 +390,7 @@ def ddp_scenario(devices: int):
     model = TinyNet(momentum=0.9).double()
     data = double_data()
     dl = DataLoader(TensorDataset(*(t[:32] for t in data.tensors)), batch_size=32 // devices, shuffle=False)
-    twin, tangent = LyapunovTwinRun(renormalize_every=2, n_twins=2), LyapunovTwinRun(mode="tangent", renormalize_every=2)
+    twin, tangent = LyapunovTwinRun(renormalize_every=2, n_twins=2), LyapunovTwinRun(mode="tangent", renormalize_every=2, prefix="tangent/")
     keeps = {"twin": Keep(twin), "tangent": Keep(tangent)}
 
     def collect(trainer, model, callbacks):
