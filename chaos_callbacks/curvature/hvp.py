@@ -107,15 +107,21 @@ class HessianOperator:
         if v.shape != (self.dim,):
             raise ValueError(f"expected a vector of shape ({self.dim},), got {tuple(v.shape)}")
         v_parts = unflatten(v.to(self.dtype), self.params)
-        out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        out: Tensor | None = None  # the first batch's product, scaled in place; later ones added into it
         for grads, w in zip(self._graphs, self.weights):
             differentiable = [(g, u, p) for g, u, p in zip(grads, v_parts, self.params) if g.requires_grad]
             if not differentiable:
                 continue
             gs, us, _ = zip(*differentiable)
             hv = torch.autograd.grad(gs, self.params, grad_outputs=us, retain_graph=True, allow_unused=True)
-            out += w * flatten([h if h is not None else torch.zeros_like(p) for h, p in zip(hv, self.params)])
+            part = flatten([h if h is not None else torch.zeros_like(p) for h, p in zip(hv, self.params)])
+            if out is None:
+                out = part if w == 1.0 else part.mul_(w)
+            else:
+                out.add_(part, alpha=w)
         self.num_matvecs += 1
+        if out is None:
+            out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         return self._reduce(out)
 
     __call__ = matvec

@@ -271,20 +271,29 @@ class Rows:
 def orthogonalize(w: Tensor, *bases: Rows, norm: float | None = None) -> tuple[Tensor, float]:
     """Remove from ``w`` (in place) its components along the orthonormal rows of ``bases``.
 
-    Classical Gram–Schmidt; a second pass when the first left less than ``1/√2`` of ``‖w‖`` (DGKS).
-    Returns the coefficients (both passes summed, float64 on the CPU) and the final norm.
+    First a local pass against the two newest rows of the last basis — in a Lanczos recurrence
+    ``Hq`` lies along them up to what the rounding and a restart left elsewhere — then classical
+    Gram–Schmidt over every row, with a second pass when one left less than ``1/√2`` of ``‖w‖``
+    (DGKS, measured from the local pass on). After the local pass the full pass removes only small
+    components, so the second pass, which doubles the solver's reads of the basis, is rarely due.
+    Returns the coefficients (all passes summed, float64 on the CPU) and the final norm.
     """
     bases = tuple(b for b in bases if len(b))
     norm = float(w.norm()) if norm is None else norm
     if not bases:
         return torch.zeros(0, dtype=torch.float64), norm
-    total = None
+    total = torch.zeros(sum(len(b) for b in bases), dtype=torch.float64)
+    last = bases[-1]
+    for i in range(len(last) - min(2, len(last)), len(last)):
+        c = float(last[i] @ w)
+        w.add_(last[i], alpha=-c)
+        total[len(total) - len(last) + i] += c
+    norm = float(w.norm())
     for _ in range(2):
         cs = [b.dots(w) for b in bases]
         for b, c in zip(bases, cs):
             b.subtract(w, c)
-        c = torch.cat(cs).to(device="cpu", dtype=torch.float64)
-        total = c if total is None else total + c
+        total += torch.cat(cs).to(device="cpu", dtype=torch.float64)
         new = float(w.norm())
         if new >= DGKS * norm:
             break
