@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -198,7 +199,7 @@ class DiffusionTracker(Callback):
         self._temperatures: list[float] = []
         self._num_windows = 0  # windows analysed, including those thinned out of :attr:`windows`
 
-    @property
+    @functools.cached_property  # Lightning reads it at every hook call; the settings it names are fixed
     def state_key(self) -> str:
         return self._generate_state_key(
             window=self.window, dim=self.dim, exact=self.exact, every_n_steps=self.every_n_steps, seed=self.seed,

@@ -266,7 +266,7 @@ class GradientTailFitter(Callback):
         self._num_estimates: dict[int, int] = {}
         self.last_estimate: dict[str, float] = {}
 
-    @property
+    @functools.cached_property  # Lightning reads it at every hook call; the settings it names are fixed
     def state_key(self) -> str:
         return self._generate_state_key(
             every_n_steps=self.every_n_steps, num_samples=self.num_samples, method=self.method, target=self.target,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import torch
@@ -181,7 +182,7 @@ class HessianSpectrumMonitor(Callback):
         self._num_estimates = 0
         self.last_estimate: dict[str, float] = {}
 
-    @property
+    @functools.cached_property  # Lightning reads it at every hook call; the settings it names are fixed
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, top_k=self.top_k, method=self.method, probe=self.probe, **plumb.prefix_key(self.prefix))
 
