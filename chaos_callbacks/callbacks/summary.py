@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -59,6 +60,35 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
         "fraction of exactly-zero gradient entries": ["Multiline", [r"grad_tail/(.+/)?zero_fraction$"]],
     },
 }
+
+
+#: Charts drawn only when the instrument is set to log them: ``(area, pattern) -> predicate(callback)``.
+OPT_IN_CHARTS: dict[tuple[str, str], Any] = {
+    ("hessian", r"hessian/lambda_min$"): lambda cb: getattr(cb, "lambda_min", True),
+    ("hessian", r"hessian/trace$"): lambda cb: getattr(cb, "trace", True),
+    ("lyapunov", r"lyapunov/local_exponent$"): lambda cb: getattr(cb, "mode", "twin") == "twin" and getattr(cb, "renormalize_every", None) is None,
+    ("lyapunov", r"lyapunov/ftle$"): lambda cb: getattr(cb, "renormalize_every", 1) is not None,
+    ("grad_tail", r"grad_tail/.+/alpha$"): lambda cb: getattr(cb, "per_layer", True),
+}
+
+
+def custom_scalars_layout(callbacks: list[Callback]) -> dict[str, dict[str, list]]:
+    """The layout for the attached instruments: one category per instrument and ``prefix``
+    (``probe_a/hessian``), its patterns anchored at the prefix so that two instances never share a
+    chart, and opt-in charts (``OPT_IN_CHARTS``) only when enabled. Without instruments: the full
+    :data:`CUSTOM_SCALARS_LAYOUT`."""
+    instruments = [cb for cb in callbacks if getattr(cb, "AREA", None) in CUSTOM_SCALARS_LAYOUT]
+    if not instruments:
+        return CUSTOM_SCALARS_LAYOUT
+    layout: dict[str, dict[str, list]] = {}
+    for cb in instruments:
+        prefix = getattr(cb, "prefix", "")
+        charts = {}
+        for title, (kind, patterns) in CUSTOM_SCALARS_LAYOUT[cb.AREA].items():
+            if all(OPT_IN_CHARTS.get((cb.AREA, p), lambda _: True)(cb) for p in patterns):
+                charts[title] = [kind, ["^" + re.escape(prefix) + p for p in patterns]]
+        layout[prefix + cb.AREA] = charts
+    return layout
 
 
 #: Headline quantities printed at the end of fit, in this order (also under a callback's ``prefix``).
@@ -126,8 +156,11 @@ class ChaosSummary(Callback):
     """
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for tb in tensorboard_loggers(trainer):
-            tb.experiment.add_custom_scalars(CUSTOM_SCALARS_LAYOUT)
+        tbs = tensorboard_loggers(trainer)
+        if tbs:
+            layout = custom_scalars_layout(trainer.callbacks)
+            for tb in tbs:
+                tb.experiment.add_custom_scalars(layout)
 
     # ------------------------------------------------------------------ table
     def rows(self, trainer: Trainer, pl_module: LightningModule | None = None) -> list[Row]:

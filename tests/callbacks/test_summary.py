@@ -257,3 +257,18 @@ def test_layout_charts_hold_one_quantity_each():
             assert not re.search(patterns[0], t + "_error") and not re.search(patterns[0], t + "_stderr")
     for tag in tags:  # every tag in exactly one chart
         assert sum(bool(re.search(spec[1][0], tag)) for _, _, spec in charts) == 1, tag
+
+
+def test_layout_follows_the_attached_instruments_and_prefixes():
+    from chaos_callbacks.callbacks.summary import custom_scalars_layout
+
+    layout = custom_scalars_layout([HessianSpectrumMonitor(trace=False, prefix="a/"), HessianSpectrumMonitor(lambda_min=True, prefix="b/"),
+                                    LyapunovTwinRun(renormalize_every=None)])
+    assert set(layout) == {"a/hessian", "b/hessian", "lyapunov"}
+    a = [spec[1][0] for spec in layout["a/hessian"].values()]
+    b = [spec[1][0] for spec in layout["b/hessian"].values()]
+    assert not any("trace" in p or "lambda_min" in p for p in a) and any("lambda_min" in p for p in b)
+    assert re.search(a[0], "a/hessian/lambda_max") and not re.search(a[0], "b/hessian/lambda_max")
+    lyapunov = [spec[1][0] for spec in layout["lyapunov"].values()]
+    assert any("local_exponent" in p for p in lyapunov) and not any("ftle" in p for p in lyapunov)
+    assert custom_scalars_layout([]) == CUSTOM_SCALARS_LAYOUT
