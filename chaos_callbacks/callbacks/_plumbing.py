@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
@@ -237,23 +239,124 @@ def log_scalars(
     """Write ``metrics`` to every logger at ``step`` and to ``callback_metrics``/progress bar, each
     name preceded by the callback's ``prefix`` (``prog_bar`` names are given without it).
 
-    Loggers are written directly (``logger.log_metrics``), so sparse estimates are never dropped
-    by ``log_every_n_steps``; the values also go straight into ``trainer.callback_metrics`` (and
+    During ``fit`` the values of one step, from every callback and hook, are gathered by a
+    :class:`LogGather` and reach each logger in one ``log_metrics`` call per step, steps in
+    increasing order (a ``CSVLogger`` gets one row per step); outside ``fit`` they are written at
+    once. Loggers are written directly, so sparse estimates are never dropped by
+    ``log_every_n_steps``; the values also go straight into ``trainer.callback_metrics`` (and
     ``trainer.progress_bar_metrics`` for ``prog_bar`` names). ``pl_module.log`` is never called: from a
     callback hook that runs inside the user's ``training_step`` (``on_before_optimizer_step`` under
     manual optimization), it switches Lightning's current hook, and on the first batch Lightning then
     resets what ``training_step`` had logged so far (a GAN's ``g_loss`` vanished from the loggers).
     """
     finite = {prefix + k: float(v) for k, v in metrics.items() if v is not None}
+    gather = log_gather(trainer)
+    gather.record(finite, step)
     if trainer.is_global_zero:
-        for logger in trainer.loggers:
-            logger.log_metrics(finite, step=step)
+        gather.write(trainer, finite, step)
     shown = {prefix + name for name in prog_bar}
     for name, value in finite.items():
         tensor = torch.tensor(value, dtype=torch.float32)
         trainer.callback_metrics[name] = tensor
         if name in shown:
             trainer.progress_bar_metrics[name] = tensor
+
+
+@dataclass
+class Logged:
+    """The last value of a tag, the step it was logged at, and the step its value last changed."""
+
+    value: float
+    step: int
+    changed: int
+
+
+class LogGather(Callback):
+    """Gathers the scalars every callback logs at one step into one ``log_metrics`` call per logger.
+
+    Callbacks log one step's values from different hooks: ``on_train_batch_start`` (Hessian,
+    curvature learning rate), ``on_before_optimizer_step`` (gradient tails), ``on_train_batch_end``
+    (diffusion windows; the twin logs the weights *after* the update, at the next step). Written one
+    call each, a ``CSVLogger`` got up to six rows per step, out of order. Here values wait in a
+    buffer keyed by step; at the end of every batch whose optimizer stepped, all steps before
+    ``trainer.global_step`` are written (in increasing order, each once per logger); the rest at
+    ``on_train_end``, ``on_exception`` and ``on_fit_end``. A value logged for a step already written
+    (none of this package's callbacks does so) is written in a later row: values are never dropped
+    or reordered within a step. A tag logged twice at one step keeps its last value, as
+    ``callback_metrics`` does. Only global rank zero buffers and writes.
+
+    It also keeps the last value and step of every tag (:attr:`ledger`, one entry per tag) for
+    :class:`~chaos_callbacks.ChaosSummary`. One instance per Trainer, appended to
+    ``trainer.callbacks`` by the first :func:`log_scalars` call (so it runs after every callback).
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[int, dict[str, float]] = {}
+        self.ledger: dict[str, Logged] = {}
+        self._step_at_start: int | None = None
+
+    def record(self, metrics: dict[str, float], step: int) -> None:
+        """Remember the last value and step of each tag (every rank)."""
+        for tag, value in metrics.items():
+            last = self.ledger.get(tag)
+            same = last is not None and (last.value == value or (math.isnan(last.value) and math.isnan(value)))
+            self.ledger[tag] = Logged(value, step, last.changed if same else step)
+
+    def write(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
+        """Buffer ``metrics`` at ``step`` while fitting, otherwise write them at once."""
+        if not metrics:
+            return
+        self.pending.setdefault(step, {}).update(metrics)
+        if not _fitting(trainer):
+            self.flush(trainer)
+
+    def flush(self, trainer: Trainer, before: int | None = None) -> None:
+        """Write the buffered steps (those ``< before``, or all) in increasing order."""
+        for step in sorted(self.pending):
+            if before is not None and step >= before:
+                break
+            values = self.pending.pop(step)
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(values, step=step)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_at_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step != self._step_at_start:  # the optimizer stepped: earlier steps are complete
+            self.flush(trainer, before=trainer.global_step)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.flush(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.flush(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.flush(trainer)
+
+
+def _fitting(trainer: Trainer) -> bool:
+    return trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
+
+
+def log_gather(trainer: Trainer) -> LogGather:
+    """The Trainer's :class:`LogGather`, appended to ``trainer.callbacks`` on first use."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, LogGather):
+            return callback
+    gather = LogGather()
+    trainer.callbacks.append(gather)
+    return gather
+
+
+def logged_values(trainer: Trainer) -> dict[str, Logged]:
+    """Last value, step and step of last change of every tag :func:`log_scalars` wrote (empty if none)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, LogGather):
+            return dict(callback.ledger)
+    return {}
 
 
 def tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:
@@ -282,16 +385,40 @@ def log_histogram(trainer: Trainer, tag: str, values: Tensor, step: int) -> None
         tb.experiment.add_histogram(tag, values.detach().cpu(), global_step=step)
 
 
+def log_magnitude_histogram(trainer: Trainer, tag: str, values: Tensor, step: int) -> None:
+    """Histogram of log10 |x| over the nonzero finite ``values`` on every TensorBoard logger.
+
+    TensorBoard draws a histogram in equal-width bins of its values: for heavy-tailed entries all
+    mass falls in the bin around zero and the tails are invisible. In log10 |x| the equal-width
+    bins are logarithmic bins of |x|, and a power-law tail P(|x| > r) ~ r^-alpha shows as a long
+    right shoulder (a Gaussian's ends abruptly, a decade or so above its scale).
+    """
+    if not tensorboard_loggers(trainer):
+        return
+    x = values.detach().cpu().abs()
+    x = x[torch.isfinite(x) & (x > 0)]
+    if x.numel():
+        log_histogram(trainer, tag, x.log10(), step)
+
+
 class WarnOnce:
-    """Warn (rank zero) the first time each kind of problem occurs; count every occurrence."""
+    """Warn (rank zero) the first time each kind of problem occurs; count every occurrence.
+
+    ``count`` is the total (restored from checkpoints); ``kinds`` counts each kind and ``messages``
+    keeps each kind's last message (this run only), for :class:`~chaos_callbacks.ChaosSummary`.
+    """
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
         self.seen: set[str] = set()
         self.count = 0
+        self.kinds: dict[str, int] = {}
+        self.messages: dict[str, str] = {}
 
     def __call__(self, kind: str, message: str) -> None:
         self.count += 1
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        self.messages[kind] = message
         if kind not in self.seen:
             self.seen.add(kind)
             rank_zero_warn(f"{self.owner}: {message} (skipped; later occurrences are counted, not warned)")

@@ -205,7 +205,9 @@ class GradientTailFitter(Callback):
     ``grad_tail/<layer>/alpha_stderr``, ``grad_tail/<layer>/zero_fraction`` and
     ``grad_tail/<layer>/zero_fraction_stderr``; ``grad_tail/skipped`` (skipped estimates so far: no
     gradient, non-finite, fewer than 50 nonzero entries, constant, or failed); to TensorBoard also a
-    histogram ``grad_tail/samples`` and, every ``figure_every_n_estimates`` estimates, a figure
+    histogram ``grad_tail/log10_abs_samples`` (log10 of the sampled |g|: TensorBoard's equal-width bins
+    become logarithmic bins of |g|, so heavy tails show) and, at estimates 1, 2, 4, 8, … and every
+    ``figure_every_n_estimates``-th, a figure
     ``grad_tail/density`` of the empirical density of |g - median| with the fitted stable and
     Gaussian densities on log-log axes.
 
@@ -223,7 +225,8 @@ class GradientTailFitter(Callback):
         layer_filter: regular expression; only layers whose name it matches (``re.search``) are
             fitted per layer.
         max_layers: at most this many layers (the first in parameter order) are fitted per layer.
-        figure_every_n_estimates: draw the density figure every this many estimates (0: never);
+        figure_every_n_estimates: draw the density figure every this many estimates, and at estimates
+            1, 2, 4, 8, … so that short runs show the trained network too (0: never);
             only with a TensorBoard logger attached.
         seed: seed (>= 0) of the entry sampling (and of the ``mle`` subsample).
         prefix: prepended to every tag this callback writes (``"probe_a/"`` → ``probe_a/grad_tail/...``),
@@ -462,8 +465,9 @@ class GradientTailFitter(Callback):
     def _log_distribution(self, trainer: Trainer, part: str, index: int, samples: Tensor, alpha: float, scale: float, step: int) -> None:
         if not plumb.tensorboard_loggers(trainer):
             return
-        plumb.log_histogram(trainer, f"{self.prefix}grad_tail/{part}samples", samples, step)
-        if self.figure_every_n_estimates and (self._num_estimates[index] - 1) % self.figure_every_n_estimates == 0:
+        plumb.log_magnitude_histogram(trainer, f"{self.prefix}grad_tail/{part}log10_abs_samples", samples, step)
+        n = self._num_estimates[index]  # figures at estimates 1, 2, 4, 8, ... and every figure_every_n_estimates-th
+        if self.figure_every_n_estimates and (n & (n - 1) == 0 or n % self.figure_every_n_estimates == 0):
             from chaos_callbacks.plotting.tails import tail_density_figure
 
             what = "gradient" if self.target == "gradient" else "gradient noise"
