@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[1]
+
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
