@@ -29,7 +29,7 @@ estimate and per step. A run whose training loss turns non-finite is stopped and
 diverged. Single seed: differences of a few tenths of a percent in accuracy are within noise.
 
 Run from the repository root:
-    .venv/bin/python benchmarks/bench_curvature_lr_mnist.py [--models mlp lenet] [--epochs 3]
+    .venv/bin/python -m benchmarks.bench_curvature_lr_mnist [--models mlp lenet] [--epochs 3]
         [--subset 20000] [--lrs 0.01 0.03 0.1 0.3 1.0] [--eval-every 50] [--eval-size 10000]
         [--methods qn eos dal1 dal0.5] [--every 10] [--max-lr X] [--warmup-steps N] [--ema E]
 """
@@ -39,12 +39,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a plain script: make ``benchmarks`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -1,7 +1,7 @@
 """HVPs and wall time of the steps where HessianSpectrumMonitor and CurvatureLRScheduler both estimate.
 
-Run from any checkout (PYTHONPATH picks which code is measured):
-    cd <checkout> && OMP_NUM_THREADS=1 PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_engine_share.py --width 256 --steps 8 --seeds 2
+Run from the repository root of the checkout to measure:
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_engine_share --width 256 --steps 8 --seeds 2
 Prints one line per case: products (total, monitor, scheduler), forwards, and the median over the
 estimate steps of the CPU time spent in the callbacks' on_train_batch_start hooks.
 """

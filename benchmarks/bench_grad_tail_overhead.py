@@ -24,14 +24,9 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a plain script: make ``benchmarks`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as pl
 import numpy as np

@@ -20,20 +20,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import lightning.pytorch as pl
+import torch
+from torch import nn
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from chaos_callbacks.callbacks import _plumbing as plumb  # noqa: E402
-from chaos_callbacks.curvature import HessianOperator, lanczos  # noqa: E402
+from chaos_callbacks.callbacks import _plumbing as plumb
+from chaos_callbacks.curvature import HessianOperator, lanczos
 
 
 class MLP(pl.LightningModule):

@@ -16,7 +16,7 @@ Same models, same batch, one process. For each model:
 * whether each tool changed model state (params, BN buffers, .grad, train/eval mode, global RNG).
 
 Everything runs in float32 on the CPU (as the monitor does); time ratios are of process CPU time
-(robust on a shared machine), medians of interleaved repeats. Run:  .venv/bin/python benchmarks/bench_hessian.py  [--models mlp,cnn] [--seeds 3] ...
+(robust on a shared machine), medians of interleaved repeats. Run:  .venv/bin/python -m benchmarks.bench_hessian  [--models mlp,cnn] [--seeds 3] ...
 """
 
 from __future__ import annotations
@@ -33,16 +33,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 import torch
-from common import (
+from torch import Tensor, nn
+
+from benchmarks.common import (
+    REPO,
     RESULTS,
     Counter,
     add_common_args,
-    cpu_clock,
     bn_cnn,
     ce_closure,
+    cpu_clock,
     emit,
     markdown_table,
     median,
@@ -53,8 +55,6 @@ from common import (
     state_changes,
     tanh_mlp,
 )
-from torch import Tensor, nn
-
 from chaos_callbacks.curvature import (
     HessianOperator,
     hutchinson_trace,
@@ -917,8 +917,9 @@ class TimedOperator:
 def section_solver(args: argparse.Namespace, out: list[str]) -> None:
     """Time outside the products (reorthogonalisation, restarts, Ritz vectors, bounds) per Lanczos run,
     on bench_scale's models (random data, its batch sizes), one thread, process CPU time."""
-    import bench_scale
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from benchmarks import bench_scale
 
     cases = [
         ("cold λ_max (k=1)", dict(k=1, want_min=False), False),
@@ -1080,7 +1081,7 @@ def main() -> None:
             print(f"[{name}: {time.perf_counter() - t1:.0f} s]", file=sys.stderr, flush=True)
         emit(f"\n({P.name}: {time.perf_counter() - t0:.0f} s)", out)
     path = save_report("bench_hessian", out)
-    print(f"\nwritten to {path.relative_to(common.REPO)}")
+    print(f"\nwritten to {path.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ copy (same train-mode function, no buffers). Agreement is measured in float64 ag
 which is itself checked against an independent model whose batch norm is written with elementary
 ops. Timing is float32 process CPU time (robust on a shared machine), interleaved rounds, median.
 
-Run:  .venv/bin/python benchmarks/bench_hvp_backends.py  [--products 10 --repeats 5]
+Run:  .venv/bin/python -m benchmarks.bench_hvp_backends  [--products 10 --repeats 5]
 """
 
 from __future__ import annotations
@@ -29,9 +29,12 @@ import time
 import warnings
 from collections.abc import Callable
 
-import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
-from common import (
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, jvp, vjp
+
+from benchmarks.common import (
+    REPO,
     add_common_args,
     bn_cnn,
     ce_closure,
@@ -43,9 +46,6 @@ from common import (
     save_report,
     tanh_mlp,
 )
-from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, jvp, vjp
-
 from chaos_callbacks.curvature import HessianOperator, flatten, unflatten
 from tests.helpers import without_running_stats  # train-mode BN from elementary ops (the tests' oracle)
 
@@ -281,7 +281,7 @@ def main() -> None:
     emit("Reference: double backward through an elementary-op batch norm (no aten batch-norm kernel).\n", out)
     emit(markdown_table(["Hessian by", "max abs error", "where", "exact value", "computed", "asymmetry max abs(H − Hᵀ)"], dense_check(args.data_root)), out)
     path = save_report("bench_hvp_backends", out)
-    print(f"\nwritten to {path.relative_to(common.REPO)}", file=sys.stderr)
+    print(f"\nwritten to {path.relative_to(REPO)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ both, and the best of the repeats is kept. The twin costs one extra forward and
 backward per step, so 2.0 is the floor of the time ratio; the target is ≤ 2.1. Memory added is
 the twin's parameters, buffers and optimizer state (``LyapunovTwinRun.memory_bytes``).
 
-    python benchmarks/bench_lyapunov_overhead.py [--data-root ../shared/data] [--steps 200] [--repeats 3]
+    .venv/bin/python -m benchmarks.bench_lyapunov_overhead [--data-root DIR] [--steps 200] [--repeats 3]
         [--threads 1] [--modes twin tangent]
 """
 
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.common import DEFAULT_DATA_ROOT
 from chaos_callbacks.callbacks.lyapunov_twin import LyapunovTwinRun
 
 
@@ -89,7 +90,7 @@ def run(make_net, data: TensorDataset, steps: int, warmup: int, callback: Lyapun
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="folder holding MNIST/raw")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)

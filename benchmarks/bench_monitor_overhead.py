@@ -7,7 +7,7 @@ arms alike. Reported: the median ratio of training-loop time (``on_train_start``
 with/without, the time spent inside the monitor's hook, its estimates and HVPs, and whether the
 trained weights are bit-identical (the no-harm contract).
 
-Run:  .venv/bin/python benchmarks/bench_monitor_overhead.py  [--steps 300 --pairs 3 --models mlp,cnn]
+Run:  .venv/bin/python -m benchmarks.bench_monitor_overhead  [--steps 300 --pairs 3 --models mlp,cnn]
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ import time
 import warnings
 from typing import Any
 
-import common  # noqa: F401  (puts the repository root on sys.path)
 import lightning.pytorch as pl
 import torch
-from common import add_common_args, bn_cnn, cpu_clock, emit, markdown_table, median, mnist_tensors, save_report
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.common import REPO, add_common_args, bn_cnn, cpu_clock, emit, markdown_table, median, mnist_tensors, save_report
 from chaos_callbacks.callbacks import HessianSpectrumMonitor
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -167,7 +166,7 @@ def main() -> None:
          "(on_train_start → on_train_end), process CPU time unless marked wall (the machine is shared, so wall time also counts waiting for a core); "
          "'one estimate' = median CPU time in the monitor's hook per estimate / median CPU time per step without.", out)
     path = save_report("bench_monitor_overhead", out)
-    print(f"\nwritten to {path.relative_to(common.REPO)}", file=sys.stderr)
+    print(f"\nwritten to {path.relative_to(REPO)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

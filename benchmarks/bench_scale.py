@@ -33,10 +33,13 @@ Callbacks (``--callbacks``): ``monitor`` HessianSpectrumMonitor(); ``monitor_bud
 ``lr`` CurvatureLRScheduler(); ``diffusion`` DiffusionTracker() (per-step record; its window
 analysis runs every 1000 steps and does not depend on n); ``tails`` GradientTailFitter().
 
-The script imports ``chaos_callbacks`` from ``sys.path``, so it measures any checkout:
+Run from the repository root (measures this checkout):
 
-    OMP_NUM_THREADS=1 PYTHONPATH=/path/to/checkout python benchmarks/bench_scale.py
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_scale
     ... --sizes 1e4,1e5,1e6,1e7,1e8 --models mlp,cnn,gpt2 --callbacks monitor,lr --estimates 1
+
+The script imports ``chaos_callbacks`` from ``sys.path`` and nothing from ``benchmarks``, so run as a
+file it measures any checkout: ``PYTHONPATH=/path/to/checkout python benchmarks/bench_scale.py``.
 
 The default (1e4, 1e5, 1e6 × mlp, cnn, gpt2 × all callbacks) takes about 10-15 min on 2 cores.
 """
@@ -64,23 +67,21 @@ MODELS = ("mlp", "cnn", "gpt2")
 
 # ----------------------------------------------------------------------------- process setup
 def reexec_with_malloc_env(threads: int) -> None:
-    """Re-run this script with glibc's mmap threshold fixed (see the module docstring) and
-    ``OMP_NUM_THREADS`` set, unless that is already the environment. Call before importing torch."""
+    """Re-run this process's command line (``python -m benchmarks.<name> ...`` stays a module run) with
+    glibc's mmap threshold fixed (see the module docstring) and ``OMP_NUM_THREADS`` set, unless that
+    is already the environment. Call before importing torch."""
     wanted = dict(MALLOC_ENV, OMP_NUM_THREADS=str(threads))
     if all(os.environ.get(k) == v for k, v in wanted.items()):
         return
     os.environ.update(wanted)
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def import_chaos_callbacks() -> Any:
-    """``chaos_callbacks`` from ``sys.path`` (``PYTHONPATH`` picks the checkout); this script's own
-    repository only when nothing else provides it."""
-    try:
-        import chaos_callbacks
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        import chaos_callbacks
+    """``chaos_callbacks`` from ``sys.path``, imported only after :func:`reexec_with_malloc_env`: this
+    checkout under ``python -m`` from the repository root, the one on ``PYTHONPATH`` when run as a file."""
+    import chaos_callbacks
+
     return chaos_callbacks
 
 

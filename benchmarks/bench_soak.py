@@ -15,7 +15,7 @@ a positive slope of the checkpoint bytes (and, once large enough, of the RSS).
 No logger is attached (a logger's own buffers are not the callbacks'); the script re-executes
 itself with ``MALLOC_MMAP_THRESHOLD_=65536`` as ``bench_scale.py`` does, so RSS follows live memory.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=/path/to/checkout python benchmarks/bench_soak.py            # ~10 min
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_soak                                 # ~10 min
     ... --steps 100000 --every 5000                                                              # issue's 1e5
     ... --separate --callbacks diffusion,twin --steps 20000
 """
@@ -25,14 +25,11 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_scale's helpers, next to this file
-
-from bench_scale import (  # noqa: E402
+from benchmarks.bench_scale import (
     checkpoint_bytes,
     fmt,
     import_chaos_callbacks,

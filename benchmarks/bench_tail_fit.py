@@ -13,8 +13,7 @@ and prints |alpha_hat - alpha| of each, our MLE's error on the same --scipy-n su
 time ratios scipy / ours.
 
     python -m benchmarks.bench_tail_fit [--n 5000] [--scipy-n 200] [--scipy-timeout 600]
-(from the repository root; or ``python benchmarks/bench_tail_fit.py`` once the package is
-installed). scipy's fit takes 20-50 s per 200 points; --skip-scipy prints only our columns.
+(from the repository root). scipy's fit takes 20-50 s per 200 points; --skip-scipy prints only our columns.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Shared helpers of the benchmark scripts: MNIST tensors, the benchmark models, timing, state
 snapshots (to detect whether a tool changed the model), HVP counters and Markdown tables.
 
-Not part of the package; imported by the scripts in ``benchmarks/`` (which put the repository root
-on ``sys.path`` so that ``chaos_callbacks`` imports without installing the package).
+Not part of the package; imported as ``benchmarks.common`` by the scripts in ``benchmarks/`` and,
+for the generic helpers (data root, quiet Lightning, Markdown tables), by ``reproductions.common``.
+Every script runs from the repository root as ``python -m benchmarks.<name>``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import copy
 import logging
 import math
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,12 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import torch
+from torch import Tensor, nn
 
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
@@ -218,28 +216,4 @@ def save_report(name: str, lines: list[str]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def open_outputs(out: Path) -> float:
-    """Create the output folder ``out`` and return the start time for :func:`finish_report`."""
-    out.mkdir(parents=True, exist_ok=True)
-    return time.perf_counter()
-
-
-def finish_report(out: Path, report: list[str], start: float, figures: Sequence[Path] = ()) -> Path:
-    """Append the saved figures and the run time to ``report``, print it and write ``out/report.md``."""
-    report += [f"\nsaved {path}" for path in figures]
-    report.append(f"\nTotal run time {time.perf_counter() - start:.0f} s.")
-    text = "\n".join(report) + "\n"
-    print(text, flush=True)
-    path = out / "report.md"
-    path.write_text(text)
-    return path
-
-
-def save_figure(fig: Any, path: Path) -> Path:
-    """Save a matplotlib figure as a PNG (tight layout, 120 dpi) and return its path."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
     return path

@@ -21,8 +21,8 @@ Without CUDA the script prints a message and exits 0. ``--device cpu --tiny`` ru
 on the CPU on a 1e5-parameter GPT-shaped model (memory then from RSS as in ``bench_scale.py``), a
 smoke test that takes about a minute:
 
-    PYTHONPATH=/path/to/checkout python benchmarks/gpu_check.py                 # on a GPU machine
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/gpu_check.py --device cpu --tiny
+    .venv/bin/python -m benchmarks.gpu_check                                    # on a GPU machine
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.gpu_check --device cpu --tiny
 """
 
 from __future__ import annotations
@@ -30,15 +30,12 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_scale's helpers, next to this file
-
-import bench_scale as bs  # noqa: E402
+from benchmarks import bench_scale as bs
 
 DEFAULT_CADENCE = {"monitor": 200, "monitor_budget": 200, "monitor_density": 200, "lr": 10, "tails": 50, "twin": 1, "diffusion": 1}
 

@@ -3,8 +3,8 @@
 test-accuracy recorder, the curvature learning-rate modes, and a ``HessianSpectrumMonitor`` that
 keeps the history of its estimates.
 
-Used by ``bench_curvature_lr_mnist.py``, ``reproduce_chaos_theory.py`` and
-``reproduce_principal_flow.py``. Not part of the package.
+Used by ``benchmarks.bench_curvature_lr_mnist``, ``reproductions.chaos_theory`` and
+``reproductions.principal_flow``. Not part of the package.
 """
 
 from __future__ import annotations

@@ -1,27 +1,31 @@
-"""``LyapunovTwinRun``: the maximal Lyapunov exponent of training, from a twin run or tangent vectors."""
+"""``LyapunovTwinRun``: the maximal Lyapunov exponent of training, from a twin run or tangent vectors.
+
+This module holds the callback: its arguments, hooks, the glue common to both modes (set-up, ε,
+re-seeding, divergence, summaries, checkpoints). The mode-specific steps are mixins:
+:mod:`~chaos_callbacks.callbacks._lyapunov_twin_mode` (twin runs) and
+:mod:`~chaos_callbacks.callbacks._lyapunov_tangent_mode` (tangent vectors); the twins' tensors and
+optimizer mirror are :mod:`~chaos_callbacks.callbacks._twin_mirror`.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.enums import GradClipAlgorithmType
-from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks import _validation as check
-from chaos_callbacks.callbacks._twin_mirror import Track, Twin, distance, hyperparameters, rescale_, structure, swapped, weight_norm
-from chaos_callbacks.curvature.hvp import HessianOperator, flatten, unflatten
+from chaos_callbacks.callbacks._lyapunov_common import all_finite, finite_mean, summarise
+from chaos_callbacks.callbacks._lyapunov_tangent_mode import TangentMode
+from chaos_callbacks.callbacks._lyapunov_twin_mode import OutputFn, TwinMode
+from chaos_callbacks.callbacks._twin_mirror import Track, Twin, hyperparameters, structure, weight_norm
 from chaos_callbacks.dynamics.lyapunov import (
     LocalExponentFit,
     Norm,
@@ -35,58 +39,17 @@ from chaos_callbacks.dynamics.lyapunov import (
 
 Mode = Literal["twin", "tangent"]
 Perturb = Literal["weights", "all"]
-OutputFn = Callable[[LightningModule, Any], Tensor]
-_SGD_KEYS = ("lr", "momentum", "weight_decay", "dampening", "nesterov")
-_TWIN_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
 _RESOLVED = 0.01  # an explicit ε is warned about when rounding can move it by more than this fraction
 
 
 # --------------------------------------------------------------------------- helpers (no hooks)
-@contextmanager
-def _main_step_precision(trainer: Trainer) -> Iterator[None]:
-    """The precision context of the main training step (bf16 autocast under ``bf16-mixed``, float64
-    default dtype under ``64-true``). Autocast's weight cache is emptied on entry and exit: it is keyed
-    by the parameter objects, whose storage :func:`swapped` changes between twins (Lightning's own
-    plugin disables the cache; a custom plugin may not)."""
-    torch.clear_autocast_cache()
-    try:
-        with trainer.precision_plugin.train_step_context():
-            yield
-    finally:
-        torch.clear_autocast_cache()
-
-
-def _all_finite(tensors: Sequence[Tensor]) -> bool:
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
 def _default_outputs(module: LightningModule, batch: Any) -> Tensor:
+    """The default ``output_fn``: ``module(batch[0])`` for tuple/list batches, else ``module(batch)``."""
     return module(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
 
-def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
-def _stderr(values: Sequence[float]) -> float:
-    """Standard error of the mean over twins, s/√n with s the sample standard deviation; NaN for n < 2."""
-    finite = [v for v in values if math.isfinite(v)]
-    n = len(finite)
-    if n < 2:
-        return math.nan
-    mean = sum(finite) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1) / n)
-
-
-def _summarise(values: dict[str, list[float]], with_stderr: Sequence[str]) -> dict[str, float]:
-    """``lyapunov/<name>``: the mean over twins of each list, and ``<name>_stderr`` for ``with_stderr``."""
-    metrics = {f"lyapunov/{k}": _mean(v) for k, v in values.items() if v}
-    metrics.update({f"lyapunov/{k}_stderr": _stderr(values[k]) for k in with_stderr if len(values.get(k, ())) >= 2})
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
-
-
 def _fit_or_none(track: Track) -> LocalExponentFit | None:
+    """The local-exponent fit of a twin's ln d(t) since its last seed; ``None`` below 3 finite samples."""
     steps, log_d = track.curve.points()
     if len(log_d) < 3:
         return None
@@ -97,7 +60,7 @@ def _fit_or_none(track: Track) -> LocalExponentFit | None:
 
 
 # --------------------------------------------------------------------------- the callback
-class LyapunovTwinRun(Callback):
+class LyapunovTwinRun(TwinMode, TangentMode, Callback):
     """Maximal Lyapunov exponent of the training map θ_{t+1} = Φ_t(θ_t), measured live.
 
     ``mode="twin"`` (Jiménez-González, Soriano & Lacasa, arXiv 2506.08523): at fit start a twin
@@ -284,8 +247,8 @@ class LyapunovTwinRun(Callback):
     def mle(self) -> float:
         """Mean over twins (tangent vectors) of the running maximal exponent; NaN before the first interval."""
         if self.mode == "tangent":
-            return _mean([t.mle for t in self._tangents])
-        return _mean([t.benettin.mle for t in self._twins])
+            return finite_mean([t.mle for t in self._tangents])
+        return finite_mean([t.benettin.mle for t in self._twins])
 
     @property
     def memory_bytes(self) -> int:
@@ -341,7 +304,7 @@ class LyapunovTwinRun(Callback):
             self._probe = probe
         self._micro_seen += 1
         if self._diverged:
-            if not _all_finite(self._params):
+            if not all_finite(self._params):
                 return
             self._diverged = False
             self._reseed_all(trainer, pl_module, trainer.global_step)
@@ -421,38 +384,9 @@ class LyapunovTwinRun(Callback):
         if isinstance(optimizer, torch.optim.LBFGS):
             raise ValueError(f"{name} cannot mirror LBFGS: its step re-evaluates the loss through a closure")
         if self.mode == "twin":
-            if trainer.precision not in _TWIN_PRECISIONS:
-                raise ValueError(
-                    f"{name}(mode='twin') supports precision '32-true', '64-true' and 'bf16-mixed', got "
-                    f"{trainer.precision!r}: half-precision weights cannot hold a small separation, and a "
-                    "'16-mixed' gradient scaler skips steps with scaled gradients the twin cannot replay"
-                )
-            if automatic and is_overridden("configure_gradient_clipping", pl_module):
-                raise ValueError(
-                    f"{name}(mode='twin') mirrors the Trainer's gradient_clip_val/gradient_clip_algorithm only; the "
-                    "module overrides configure_gradient_clipping, which the twin cannot replay"
-                )
-            return
-        if type(optimizer) is not torch.optim.SGD:
-            raise ValueError(
-                f"{name}(mode='tangent') linearises torch.optim.SGD only, got {type(optimizer).__name__}; "
-                "use mode='twin' for other optimizers"
-            )
-        if trainer.gradient_clip_val:
-            raise ValueError(f"{name}(mode='tangent') does not linearise gradient clipping; use mode='twin'")
-        self._sgd_hyperparameters(hyperparameters(optimizer), error=ValueError)
-
-    def _sgd_hyperparameters(self, groups: Sequence[dict[str, Any]], error: type[Exception]) -> dict[str, Any]:
-        """The SGD hyperparameters shared by every param group (tangent mode)."""
-        values = [{k: g[k] for k in _SGD_KEYS} for g in groups]
-        if any(g.get("maximize") for g in groups):
-            raise error(f"{type(self).__name__}(mode='tangent') does not support SGD(maximize=True)")
-        if any(v != values[0] for v in values[1:]):
-            raise error(
-                f"{type(self).__name__}(mode='tangent') needs one set of SGD hyperparameters for every param group, "
-                f"got {values}; use mode='twin'"
-            )
-        return {k: float(v) if k != "nesterov" else bool(v) for k, v in values[0].items()}
+            self._validate_twin(trainer, pl_module)
+        else:
+            self._validate_tangent(trainer)
 
     def _build(self, trainer: Trainer, pl_module: LightningModule, pending: dict[str, Any] | None) -> None:
         """Create the twins (tangent vectors), or restore them from a checkpoint."""
@@ -510,37 +444,6 @@ class LyapunovTwinRun(Callback):
         draws = iter(random_perturbation(chosen, size, self.norm, self._generator))
         return [next(draws) if on else None for on in self._perturbed]
 
-    def _seed_twin(self, i: int, optimizer: Optimizer, pl_module: LightningModule, step: int, fatal: bool = False) -> None:
-        """(Re)start twin ``i`` at distance ε from the main run's current weights, buffers and optimizer state."""
-        twin, eps = self._twins[i], self._epsilon()
-        twin.reset(optimizer, self._params, list(pl_module.buffers()), self._perturbation(eps))
-        d = float(distance(twin.params, self._params, self.norm))
-        if d > 0 and math.isfinite(d):
-            self._tracks[i].restart(step, math.log(d))
-            return
-        message = f"epsilon={eps:g} is erased by rounding the {self._params[0].dtype} weights; pass a larger epsilon"
-        if fatal:
-            raise ValueError(f"{type(self).__name__}: {message}")
-        self._skip_warn("erased", f"{message} (the twin is re-seeded at the next step)")
-        self._tracks[i].restart(step, math.nan)
-
-    def _tangent_start(self, optimizer: Optimizer) -> tuple[list[Tensor], list[Tensor] | None]:
-        """A unit tangent vector, and a zero momentum tangent if the main run already has momentum buffers."""
-        v = [x if x is not None else torch.zeros_like(p) for x, p in zip(self._perturbation(1.0), self._params)]
-        buffers = [optimizer.state.get(p, {}).get("momentum_buffer") for p in self._params]
-        has_momentum = all(b is not None for b in buffers)
-        return v, [torch.zeros_like(p) for p in self._params] if has_momentum else None
-
-    def _restart_tangent(self, i: int, optimizer: Optimizer, step: int) -> None:
-        """(Re)start tangent vector ``i`` from the next draw of the generator."""
-        v, momentum_v = self._tangent_start(optimizer)
-        if i == len(self._tangents):
-            self._tangents.append(TangentAccumulator(v, self.norm))
-        else:
-            self._tangents[i].v = v
-        self._tangents[i].momentum_v = momentum_v
-        self._tracks[i].restart(step, math.log(self._epsilon()))
-
     def _reseed_all(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         """Every twin (tangent vector) afresh from the main run's current state."""
         optimizer = trainer.optimizers[0]
@@ -571,184 +474,6 @@ class LyapunovTwinRun(Callback):
         self._skip_warn.count, self._reseed_warn.count = state["skipped"], state["reseeds"]
         self._skips_logged = self._skip_warn.count
 
-    # ------------------------------------------------------------------ twin mode
-    def _twin_gradients(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        """Each twin's gradient on this micro-batch, with the random stream and precision of the main step."""
-        accumulate = trainer.accumulate_grad_batches
-        targets = [*self._params, *pl_module.buffers()]
-        wrt = [p for p in self._params if p.requires_grad]
-        with plumb.no_harm(pl_module, train_mode=None):
-            for i, twin in enumerate(self._twins):
-                # every twin starts from the RNG state the main forward will start from: no_harm restores
-                # it on exit, each earlier twin restores it for the next (isolate_rng costs ~0.3-0.7 ms)
-                replay = isolate_rng() if i < len(self._twins) - 1 else nullcontext()
-                with replay, swapped(targets, [*twin.params, *twin.buffers]):
-                    with _main_step_precision(trainer):
-                        loss = plumb.compute_loss(pl_module, batch, self.loss_fn, batch_idx) / accumulate
-                    grads = iter(torch.autograd.grad(loss, wrt, allow_unused=True))
-                twin.accumulate([next(grads) if p.requires_grad else None for p in self._params], loss.detach())
-
-    def _reduce_gradients(self, trainer: Trainer, complete: bool) -> bool:
-        """Mean over ranks of every twin's gradient and loss (flatten, one all-reduce, split); returns
-        whether every rank's gradient is complete (a rank that missed a micro-batch makes all re-seed)."""
-        if trainer.world_size <= 1:
-            return complete
-        parts: list[Tensor] = []
-        for twin in self._twins:
-            parts += [g if g is not None else torch.zeros_like(p) for g, p in zip(twin.grads, twin.params)]
-            parts.append(twin.loss if twin.loss is not None else twin.params[0].new_zeros(()))
-        parts.append(self._params[0].new_tensor(1.0 if complete else 0.0))
-        reduced = iter(unflatten(plumb.mean_reducer(trainer)(flatten(parts)), parts))
-        for twin in self._twins:
-            mean_grads = [next(reduced) for _ in twin.grads]
-            twin.grads = [None if g is None else m for g, m in zip(twin.grads, mean_grads)]
-            loss = next(reduced)
-            twin.loss = None if twin.loss is None else loss
-        return bool(next(reduced) == 1)
-
-    def _twin_step(self, trainer: Trainer, pl_module: LightningModule, hyper: list[dict[str, Any]], step: int) -> dict[str, float]:
-        optimizer = trainer.optimizers[0]
-        # Lightning stores the algorithm as a GradClipAlgorithmType and clips only under automatic optimization
-        clip_val = float(trainer.gradient_clip_val or 0.0) if pl_module.automatic_optimization else 0.0
-        clip_by_value = trainer.gradient_clip_algorithm == GradClipAlgorithmType.VALUE
-        values: dict[str, list[float]] = {k: [] for k in ("distance", "log_distance", "twin_loss", "ftle", "mle")}
-        eps: float | None = None  # sized once per step, at the first renormalisation
-        reseeded = False
-        for i, (twin, track) in enumerate(zip(self._twins, self._tracks)):
-            if track.idle:  # its ε was erased at the last seed: try again from the current main weights
-                self._seed_twin(i, optimizer, pl_module, step)
-                continue
-            loss = math.nan if twin.loss is None else float(twin.loss)
-            twin.step(hyper, clip_val, clip_by_value)
-            d = float(distance(twin.params, self._params, self.norm))
-            if not math.isfinite(d) and not _all_finite(self._params):
-                return self._main_diverged(step)
-            if not (math.isfinite(d) and d > 0 and (twin.loss is None or math.isfinite(loss))):
-                what = "collapsed onto the main run (d = 0)" if d == 0 else f"diverged (loss={loss}, d={d})"
-                self._reseed_warn("reseed", f"twin {i} {what} at step {step}; re-seeded from the main weights")
-                self._seed_twin(i, optimizer, pl_module, step)
-                reseeded = True
-                continue
-            track.record(step, math.log(d))
-            values["distance"].append(d)
-            values["log_distance"].append(math.log(d))
-            values["twin_loss"].append(loss)
-            if self.renormalize_every is not None and track.since == self.renormalize_every:
-                track.ftle = twin.benettin.update(d, math.exp(track.interval_start), track.since)
-                values["ftle"].append(track.ftle)
-                values["mle"].append(twin.benettin.mle)
-                eps = self._epsilon(seed=False) if eps is None else eps
-                self._renormalize(i, optimizer, eps, d, step)
-        self.per_twin = {
-            "distance": [math.exp(t.last) for t in self._tracks],
-            "log_distance": [t.last for t in self._tracks],
-            "ftle": [t.ftle for t in self._tracks],
-            "mle": [twin.benettin.mle for twin in self._twins],
-        }
-        metrics = _summarise(values, with_stderr=("ftle", "mle"))
-        if self.function_space:
-            metrics["lyapunov/function_distance"] = self._function_distance(trainer, pl_module)
-        if reseeded:
-            metrics["lyapunov/reseeds"] = float(self._reseed_warn.count)
-        return metrics
-
-    def _renormalize(self, i: int, optimizer: Optimizer, eps: float, d: float, step: int) -> None:
-        """Pull twin ``i`` from distance ``d`` back to ε (with its optimizer state, as
-        :func:`~chaos_callbacks.dynamics.lyapunov.renormalize_` does) and start a new interval there."""
-        twin, track = self._twins[i], self._tracks[i]
-        twin_state, main_state = twin.momentum_pairs(optimizer, self._params)
-        rescale_([*twin.params, *twin_state], [*self._params, *main_state], eps / d)
-        d0 = float(distance(twin.params, self._params, self.norm))
-        if d0 > 0 and math.isfinite(d0):
-            track.start_interval(math.log(d0))
-            return
-        self._skip_warn("erased", f"epsilon={eps:g} was erased by rounding the weights at step {step}; twin {i} is re-seeded at the next step")
-        track.restart(step, math.nan)
-
-    def _function_distance(self, trainer: Trainer, pl_module: LightningModule) -> float:
-        """Mean over twins of ‖f_twin(X) − f_main(X)‖ on the probe batch X (eval mode; union of the ranks' shards)."""
-        targets = [*self._params, *pl_module.buffers()]
-
-        def outputs() -> Tensor:
-            with _main_step_precision(trainer):
-                return self.output_fn(plumb.user_module(pl_module), self._probe).to(torch.float64)
-
-        with plumb.no_harm(pl_module, train_mode=False), torch.no_grad():
-            main = outputs()
-            sums = []
-            for twin in self._twins:
-                with swapped(targets, [*twin.params, *twin.buffers]):
-                    diff = (outputs() - main).abs()
-                sums.append(diff.sum() if self.norm == "l1" else diff.square().sum())
-        total = plumb.mean_reducer(trainer)(torch.stack(sums)) * trainer.world_size
-        distances = total if self.norm == "l1" else total.sqrt()
-        return float(distances.mean())
-
-    # ------------------------------------------------------------------ tangent mode
-    def _tangent_products(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        """H v for every tangent vector, at the main weights on this micro-batch (the main step's dropout masks).
-
-        Logs ``lyapunov/hvps`` at the step: the Hessian-vector products taken for it so far
-        (``n_twins`` per micro-batch).
-        """
-        if not all(p.requires_grad for p in self._params):
-            raise plumb.EstimateSkipped("a tracked parameter was frozen")
-        scale = 1.0 / trainer.accumulate_grad_batches
-        with plumb.no_harm(pl_module, train_mode=None, second_order=True):
-            op = HessianOperator(
-                self._params,
-                [lambda: plumb.compute_loss(pl_module, batch, self.loss_fn, batch_idx)],
-                [scale],
-                reduce=plumb.mean_reducer(trainer),
-            )
-            for i, tangent in enumerate(self._tangents):
-                hv = unflatten(op.matvec(flatten(tangent.v)), tangent.v)
-                self._hv[i] = hv if self._hv[i] is None else [a + b for a, b in zip(self._hv[i], hv)]
-            op.release()
-        step, before = getattr(self, "_step_hvps", (None, 0))
-        count = op.num_matvecs + (before if step == trainer.global_step else 0)
-        self._step_hvps = (trainer.global_step, count)
-        plumb.log_scalars(trainer, pl_module, {"lyapunov/hvps": float(count)}, trainer.global_step, prefix=self.prefix)
-
-    def _tangent_step(self, trainer: Trainer, hyper: list[dict[str, Any]], step: int) -> dict[str, float]:
-        try:
-            sgd = self._sgd_hyperparameters(hyper, error=plumb.EstimateSkipped)
-        except plumb.EstimateSkipped as exc:
-            self._skip_warn("groups", f"tangent step {step} skipped: {exc}")
-            self._hv = [None] * self.n_twins
-            return {}
-        values: dict[str, list[float]] = {"log_distance": [], "ftle": [], "mle": []}
-        reseeded = False
-        for i, (tangent, track) in enumerate(zip(self._tangents, self._tracks)):
-            hv, self._hv[i] = self._hv[i], None
-            if hv is None:  # every micro-batch of this step was skipped
-                continue
-            try:
-                exponent = tangent.step(lambda v, hv=hv: hv, **sgd)
-            except ValueError as exc:  # non-finite or zero growth
-                if not _all_finite(self._params):
-                    return self._main_diverged(step)
-                self._reseed_warn("reseed", f"tangent vector {i} failed at step {step} ({exc}); re-seeded")
-                self._restart_tangent(i, trainer.optimizers[0], step)
-                reseeded = True
-                continue
-            track.record(step, track.now + exponent)
-            values["log_distance"].append(track.now)
-            values["mle"].append(tangent.mle)
-            if self.renormalize_every is not None and track.since == self.renormalize_every:
-                track.ftle = (track.now - track.interval_start) / track.since
-                track.start_interval(math.log(self._epsilon(seed=False)))  # as a twin is pulled back to ε
-                values["ftle"].append(track.ftle)
-        self.per_twin = {
-            "log_distance": [t.last for t in self._tracks],
-            "ftle": [t.ftle for t in self._tracks],
-            "mle": [t.mle for t in self._tangents],
-        }
-        metrics = _summarise(values, with_stderr=("ftle", "mle"))
-        if reseeded:
-            metrics["lyapunov/reseeds"] = float(self._reseed_warn.count)
-        return metrics
-
     # ------------------------------------------------------------------ summaries
     def _summary(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         """Local exponents of the free evolution (twin mode) and the ln d(t) figure."""
@@ -758,7 +483,7 @@ class LyapunovTwinRun(Callback):
             fits = [f for f in self.local_fits if f is not None]
             if fits:
                 self.per_twin["local_exponent"] = [math.nan if f is None else f.slope for f in self.local_fits]
-                metrics = _summarise({"local_exponent": [f.slope for f in fits]}, with_stderr=("local_exponent",))
+                metrics = summarise({"local_exponent": [f.slope for f in fits]}, with_stderr=("local_exponent",))
                 metrics["lyapunov/saturated"] = sum(f.saturated for f in fits) / len(fits)
                 self.last_metrics = {**self.last_metrics, **metrics}
                 plumb.log_scalars(trainer, pl_module, metrics, step, prefix=self.prefix)

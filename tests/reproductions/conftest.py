@@ -1,4 +1,4 @@
-"""Fixtures for the smoke tests of ``benchmarks/reproduce_*.py`` (all marked ``slow``).
+"""Fixtures for the smoke tests of ``reproductions/*.py`` (all marked ``slow``).
 
 The reproductions read real MNIST; the tests give them a small fake MNIST in the real on-disk
 format instead, so that the suite never depends on ``../shared``.

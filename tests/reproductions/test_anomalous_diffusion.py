@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/reproduce_anomalous_diffusion.py`` on a fake MNIST (all three experiments)."""
+"""Smoke test of ``reproductions/anomalous_diffusion.py`` on a fake MNIST (all three experiments)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.reproduce_anomalous_diffusion import main
+from reproductions.anomalous_diffusion import main
 
 STEPS, WINDOW = 40, 20  # windows runs: 2 windows each
 SHORTCUT_STEPS, SHORTCUT_WINDOW = 20, 10  # shortcuts runs: 2 windows each

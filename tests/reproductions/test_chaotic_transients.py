@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import reproduce_chaotic_transients
+from reproductions import chaotic_transients
 
 
 @pytest.mark.slow
 def test_chaotic_transients_script_writes_its_tables_and_plots(fake_mnist_root: Path, tmp_path: Path, capsys):
     out = tmp_path / "out"
-    reproduce_chaotic_transients.main(
+    chaotic_transients.main(
         ["--data-root", str(fake_mnist_root), "--out", str(out), "--subset", "200", "--lrs", "1", "20",
          "--seeds", "2", "--steps", "8", "--lyap-steps", "6", "--eval-every", "2", "--crosscheck-lr", "20",
          "--crosscheck-steps", "3"]

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import reproduce_chaos_theory, reproduce_principal_flow
-from benchmarks.reproduce_principal_flow import LAMBDA_MAX, THETA0, gradient_descent
 from chaos_callbacks.curvature import stability_regime
+from reproductions import chaos_theory, principal_flow
+from reproductions.principal_flow import LAMBDA_MAX, THETA0, gradient_descent
 
 TINY_MNIST = ["--subset", "384", "--batch-size", "64", "--epochs", "1", "--eval-every", "3", "--eval-size", "128"]
 
@@ -28,7 +28,7 @@ def test_quadratic_gradient_descent_matches_its_closed_form(h):
 @pytest.mark.slow
 def test_chaos_theory_script_writes_its_tables_and_plots(fake_mnist_root: Path, tmp_path: Path):
     out = tmp_path / "out"
-    reproduce_chaos_theory.main(
+    chaos_theory.main(
         ["--data-root", str(fake_mnist_root), "--out", str(out), "--models", "mlp", "--lrs", "0.05", "0.2",
          "--every", "2", "--probe", "64", *TINY_MNIST]
     )  # fmt: skip
@@ -44,7 +44,7 @@ def test_chaos_theory_script_writes_its_tables_and_plots(fake_mnist_root: Path, 
 @pytest.mark.slow
 def test_principal_flow_script_writes_its_tables_and_plots(fake_mnist_root: Path, tmp_path: Path):
     out = tmp_path / "out"
-    reproduce_principal_flow.main(
+    principal_flow.main(
         ["--data-root", str(fake_mnist_root), "--out", str(out), "--models", "mlp", "--lrs", "0.1",
          "--powers", "0.5", "1", "--every", "2", "--monitor-every", "2", "--probe", "64", *TINY_MNIST]
     )  # fmt: skip
@@ -59,7 +59,7 @@ def test_principal_flow_script_writes_its_tables_and_plots(fake_mnist_root: Path
 def test_principal_flow_script_runs_on_cifar10(cifar_root: Path, tmp_path: Path):
     """The documented CIFAR-10 path (ResNet-20, full batch) on fake CIFAR-10 files."""
     out = tmp_path / "out"
-    reproduce_principal_flow.main(
+    principal_flow.main(
         ["--dataset", "cifar10", "--data-root", str(cifar_root), "--out", str(out), "--models", "resnet20",
          "--subset", "32", "--batch-size", "32", "--epochs", "3", "--lrs", "0.1", "--powers", "1",
          "--monitor-every", "2", "--eval-every", "1", "--eval-size", "20", "--hs", "0.5"]

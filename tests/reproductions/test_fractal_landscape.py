@@ -1,4 +1,4 @@
-"""Ground-truth tests of the pieces of ``benchmarks/reproduce_fractal_landscape.py`` (the 2-D toy
+"""Ground-truth tests of the pieces of ``reproductions/fractal_landscape.py`` (the 2-D toy
 model of Chen, Qu & Gong, arXiv 2009.10588) and a slow smoke test of its ``main``."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.reproduce_fractal_landscape import (
+from reproductions.fractal_landscape import (
     LR,
     NOISE,
     Landscape,

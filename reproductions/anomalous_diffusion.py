@@ -39,7 +39,7 @@ authors also ran batch 128 (1.315 → 0.727, τ₀ = 180) and 512. On a CPU the 
 ``--shortcut-momentum 0.9`` makes the first ~1/(1 − β) lags ballistic (α_s → 2), which is part of
 any "early superdiffusion" measured with momentum.
 
-Outputs (``--out``, default ``benchmarks/results/anomalous_diffusion/``): ``anomalous_diffusion.md``
+Outputs (``--out``, default ``reproductions/results/anomalous_diffusion/``): ``anomalous_diffusion.md``
 (the Markdown tables, also printed), ``windows.csv`` (one row per run and window), ``summary.csv``
 (one row per run), ``tails.csv`` (one row per estimate and layer, layer ``all`` = all parameters),
 ``msd_<run>.png`` (MSD(τ) per window with a slope-1 reference), ``windows_alpha.png`` (α per
@@ -52,12 +52,12 @@ tail fits every 20 steps): see REPRODUCTION.md for the measured run time (about 
 shared CPU cores, one torch thread; ResNet-14 takes about 0.11 s per step).
 Run from the repository root::
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.reproduce_anomalous_diffusion
+    OMP_NUM_THREADS=1 .venv/bin/python -m reproductions.anomalous_diffusion
 
 The paper's set-up, on a GPU: ResNet-14 / plain-14 on all of CIFAR-10, batch 1024, lr 0.1, no
 momentum, crop-and-flip augmentation, 500 epochs (as in the authors' README)::
 
-    .venv/bin/python -m benchmarks.reproduce_anomalous_diffusion --experiments shortcuts tails \\
+    .venv/bin/python -m reproductions.anomalous_diffusion --experiments shortcuts tails \\
         --dataset cifar10 --data-root /path/holding/cifar-10-batches-py --augment --subset 0 \\
         --accelerator auto --shortcut-batch-size 1024 --shortcut-lr 0.1 --shortcut-momentum 0 \\
         --shortcut-steps 24500 --shortcut-window 1000 --tail-every 100
@@ -70,28 +70,25 @@ import csv
 import math
 import re
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a plain script: make ``benchmarks`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning.pytorch as pl
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-import lightning.pytorch as pl  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.common import RESULTS, add_common_args, emit, markdown_table, quiet_lightning  # noqa: E402
-from chaos_callbacks.callbacks.diffusion_tracker import DiffusionTracker  # noqa: E402
-from chaos_callbacks.callbacks.gradient_tails import GradientTailFitter  # noqa: E402
+from chaos_callbacks.callbacks.diffusion_tracker import DiffusionTracker
+from chaos_callbacks.callbacks.gradient_tails import GradientTailFitter
 from chaos_callbacks.dynamics.diffusion import WindowStats  # noqa: E402
 from chaos_callbacks.plotting.diffusion import msd_figure  # noqa: E402  (also selects Agg)
 from recipes.data import CIFAR10DataModule, ImageClassificationDataModule, MNISTDataModule  # noqa: E402
 from recipes.module import ClassificationModule  # noqa: E402
+
+from reproductions.common import RESULTS, add_common_args, emit, markdown_table, quiet_lightning
 
 EXPERIMENTS = ("windows", "tails", "shortcuts")
 DEFAULT_OUT = RESULTS / "anomalous_diffusion"

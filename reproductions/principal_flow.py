@@ -26,7 +26,7 @@ LeNet-5, about 1 s per full-batch step on one core). ``--batch-size 128 --subset
 --probe 512`` runs the mini-batch SGD variant.
 
 Run from the repository root (defaults: about 10 minutes on 2 shared CPU cores, 1 thread):
-    .venv/bin/python -m benchmarks.reproduce_principal_flow
+    .venv/bin/python -m reproductions.principal_flow
 Full size: ``--subset 54000 --batch-size 54000 --epochs 1000``. CIFAR-10 with a ResNet-20 on a GPU
 (full-batch gradients of 5,000 images): ``--dataset cifar10 --data-root /path/holding/cifar-10-batches-py
 --accelerator gpu --models resnet20 --subset 5000 --batch-size 5000 --epochs 1000 --target 0.5``.
@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, finish_report, markdown_table, open_outputs, save_figure
 from benchmarks.sgd_runs import MODEL_LABELS, RecordingMonitor, RunResult, add_sgd_args, load_data, train_once
 from chaos_callbacks.curvature import principal_flow_coefficients, stability_regime
+from reproductions.common import RESULTS, finish_report, markdown_table, open_outputs, save_figure
 
 A = np.array([1.0, 0.01])  # L(θ) = θᵀAθ: Hessian 2A, eigenvalues 2 and 0.02
 THETA0 = np.array([-0.35, -0.2])

@@ -23,12 +23,12 @@ quasi-Newton vs the best constant rate. CSV of every estimate and PNGs of λ_max
 map-vs-Lanczos scatter and accuracy curves.
 
 Run from the repository root (defaults: about 9 minutes on 2 shared CPU cores, 1 thread):
-    .venv/bin/python -m benchmarks.reproduce_chaos_theory
+    .venv/bin/python -m reproductions.chaos_theory
 Full size (all 54k training examples, 10 epochs, more rates):
-    .venv/bin/python -m benchmarks.reproduce_chaos_theory --subset 54000 --epochs 10 \\
+    .venv/bin/python -m reproductions.chaos_theory --subset 54000 --epochs 10 \\
         --lrs 0.01 0.03 0.1 0.3 1.0 --every 50
 The paper's data set, CIFAR-10, with a ResNet-20 on a GPU:
-    .venv/bin/python -m benchmarks.reproduce_chaos_theory --dataset cifar10 \\
+    .venv/bin/python -m reproductions.chaos_theory --dataset cifar10 \\
         --data-root /path/holding/cifar-10-batches-py --accelerator gpu --models resnet20 \\
         --subset 45000 --epochs 30 --lrs 0.01 0.03 0.1 0.3 1.0 --every 100 --target 0.85
 """
@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, finish_report, markdown_table, open_outputs, save_figure
 from benchmarks.sgd_runs import (
     CURVATURE_METHODS,
     MODEL_LABELS,
@@ -54,6 +53,7 @@ from benchmarks.sgd_runs import (
     pick_reference,
     train_once,
 )
+from reproductions.common import RESULTS, finish_report, markdown_table, open_outputs, save_figure
 
 MONITORS = ("probe", "batch", "map")
 

@@ -32,7 +32,7 @@ core (``random_perturbation``, ``parameter_distance``, ``local_exponent``). Unle
 both engines first and compared bit for bit (ln d(t), test accuracy, final weights), with their
 time per step.
 
-Outputs (git-ignored, in ``--out``, default ``benchmarks/results/chaotic_transients/``):
+Outputs (git-ignored, in ``--out``, default ``reproductions/results/chaotic_transients/``):
 ``chaotic_transients.png`` (MLE vs lr, epochs to target
 vs lr, ln d(t), test accuracy), ``chaotic_transients_runs.csv`` (one row per run),
 ``chaotic_transients_summary.csv`` (one row per lr) and ``chaotic_transients_traces.csv`` (ln d(t)
@@ -45,7 +45,7 @@ The paper's protocol is reduced to fit two shared CPU cores in about 10 minutes:
 examples instead of 60k, a few hundred steps instead of thousands, 3 initialisations. Epochs to
 90 % are therefore often "not reached"; the lower ``--extra-targets`` are reported alongside.
 
-Run from the repository root: ``.venv/bin/python benchmarks/reproduce_chaotic_transients.py``
+Run from the repository root: ``.venv/bin/python -m reproductions.chaotic_transients``
 """
 
 from __future__ import annotations
@@ -55,25 +55,19 @@ import copy
 import csv
 import math
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import functional_call
 
-import lightning.pytorch as pl  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torch.func import functional_call  # noqa: E402
-
-from benchmarks.common import DEFAULT_DATA_ROOT, RESULTS, quiet_lightning  # noqa: E402
-from chaos_callbacks import LyapunovTwinRun  # noqa: E402
-from chaos_callbacks.dynamics.lyapunov import (  # noqa: E402
+from chaos_callbacks import LyapunovTwinRun
+from chaos_callbacks.dynamics.lyapunov import (
     LocalExponentFit,
     local_exponent,
     parameter_distance,
@@ -81,6 +75,8 @@ from chaos_callbacks.dynamics.lyapunov import (  # noqa: E402
 )
 from recipes.data import MNISTDataModule  # noqa: E402
 from recipes.module import ClassificationModule  # noqa: E402
+
+from reproductions.common import DEFAULT_DATA_ROOT, RESULTS, quiet_lightning
 
 NORM = "l1"
 

@@ -41,11 +41,11 @@ and of the path fractal dimension d_f; the landscape's own Hurst exponent from i
 function; the fraction of walkers ending within ``--radius`` of the global minimum and with a
 final loss within ``--loss-tol`` of the range above it; and the final mean loss over the range.
 
-Outputs in ``--out`` (default ``benchmarks/results/fractal_landscape/``): ``fractal_landscape.md``
+Outputs in ``--out`` (default ``reproductions/results/fractal_landscape/``): ``fractal_landscape.md``
 (the printed table), ``fractal_landscape.csv`` (all fits), ``fractal_landscape_msd.csv`` (the MSD
 curves), ``landscapes.png`` and ``msd.png``.
 
-Run from the repository root: ``.venv/bin/python -m benchmarks.reproduce_fractal_landscape``
+Run from the repository root: ``.venv/bin/python -m reproductions.fractal_landscape``
 (26 s wall, 19 s of it in ``main``, with the defaults on one thread of a shared 2-core CPU).
 
 Result with the defaults (seeds 0 and 1, and with ``--hurst 0.5`` and/or ``--plateau=-inf``): the
@@ -72,7 +72,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.ndimage import gaussian_filter  # noqa: E402
 
-from benchmarks.common import RESULTS, emit, markdown_table  # noqa: E402
 from chaos_callbacks.dynamics.diffusion import (  # noqa: E402
     fit_diffusion_exponent,
     fit_two_regime,
@@ -81,6 +80,7 @@ from chaos_callbacks.dynamics.diffusion import (  # noqa: E402
     time_averaged_msd,
     trajectory_fractal_dimension,
 )
+from reproductions.common import RESULTS, emit, markdown_table  # noqa: E402
 
 LR = 0.02
 NOISE = 0.01
