@@ -105,7 +105,7 @@ def test_the_run_wrote_every_area(tags_of_a_run: set[str]):
     for tag in ("hessian/lambda_max", "hessian/trace", "hessian/spectral_density", "power/hessian/lambda_dominant",
                 "map/hessian/lambda_max", "lyapunov/mle", "lyapunov/function_distance", "free/lyapunov/local_exponent",
                 "free/lyapunov/saturated", "tangent/lyapunov/hvps", "curvature_lr/lr", "diffusion/exponent",
-                "diffusion/loss_variance", "diffusion/msd", "grad_tail/alpha", "grad_tail/samples"):  # fmt: skip
+                "diffusion/loss_variance", "diffusion/msd", "grad_tail/alpha", "grad_tail/log10_abs_samples"):  # fmt: skip
         assert tag in tags_of_a_run
     assert {tag.split("/")[-2] for tag in tags_of_a_run if len(tag.split("/")) == 2} == AREAS
 
