@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -26,7 +27,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
+DEFAULT_DATA_ROOT = Path(os.environ.get("CHAOS_DATA") or REPO / "data")  # as chaos_callbacks.recipes.data
 RESULTS = REPO / "benchmarks" / "results"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 

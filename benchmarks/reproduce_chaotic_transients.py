@@ -79,8 +79,8 @@ from chaos_callbacks.dynamics.lyapunov import (  # noqa: E402
     parameter_distance,
     random_perturbation,
 )
-from recipes.data import MNISTDataModule  # noqa: E402
-from recipes.module import ClassificationModule  # noqa: E402
+from chaos_callbacks.recipes.data import MNISTDataModule  # noqa: E402
+from chaos_callbacks.recipes.module import ClassificationModule  # noqa: E402
 
 NORM = "l1"
 
