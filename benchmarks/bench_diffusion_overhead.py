@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.common import DEFAULT_DATA_ROOT
 from chaos_callbacks.callbacks.diffusion_tracker import DiffusionTracker
 from chaos_callbacks.dynamics.diffusion import WindowAccumulator, log_spaced_lags
-from recipes.data import MNISTDataModule
-from recipes.module import ClassificationModule
+from chaos_callbacks.recipes.data import MNISTDataModule
+from chaos_callbacks.recipes.module import ClassificationModule
 
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import statistics
 import time
 import warnings
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[1]
 
-DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
+DEFAULT_DATA_ROOT = Path(os.environ.get("CHAOS_DATA") or REPO / "data")  # as chaos_callbacks.recipes.data
 RESULTS = REPO / "benchmarks" / "results"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 

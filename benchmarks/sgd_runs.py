@@ -27,8 +27,8 @@ import chaos_callbacks.callbacks.curvature_lr as curvature_lr_module
 from benchmarks.common import DEFAULT_DATA_ROOT, quiet_lightning
 from chaos_callbacks.callbacks.curvature_lr import CurvatureLRScheduler
 from chaos_callbacks.callbacks.hessian_spectrum import HessianSpectrumMonitor
-from recipes.data import CIFAR10DataModule, ImageClassificationDataModule, MNISTDataModule
-from recipes.module import ClassificationModule
+from chaos_callbacks.recipes.data import CIFAR10DataModule, ImageClassificationDataModule, MNISTDataModule
+from chaos_callbacks.recipes.module import ClassificationModule
 
 quiet_lightning()
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -85,8 +85,8 @@ from chaos_callbacks.callbacks.diffusion_tracker import DiffusionTracker
 from chaos_callbacks.callbacks.gradient_tails import GradientTailFitter
 from chaos_callbacks.dynamics.diffusion import WindowStats  # noqa: E402
 from chaos_callbacks.plotting.diffusion import msd_figure  # noqa: E402  (also selects Agg)
-from recipes.data import CIFAR10DataModule, ImageClassificationDataModule, MNISTDataModule  # noqa: E402
-from recipes.module import ClassificationModule  # noqa: E402
+from chaos_callbacks.recipes.data import CIFAR10DataModule, ImageClassificationDataModule, MNISTDataModule  # noqa: E402
+from chaos_callbacks.recipes.module import ClassificationModule  # noqa: E402
 
 from reproductions.common import RESULTS, add_common_args, emit, markdown_table, quiet_lightning
 

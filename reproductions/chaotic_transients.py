@@ -73,8 +73,8 @@ from chaos_callbacks.dynamics.lyapunov import (
     parameter_distance,
     random_perturbation,
 )
-from recipes.data import MNISTDataModule  # noqa: E402
-from recipes.module import ClassificationModule  # noqa: E402
+from chaos_callbacks.recipes.data import MNISTDataModule  # noqa: E402
+from chaos_callbacks.recipes.module import ClassificationModule  # noqa: E402
 
 from reproductions.common import DEFAULT_DATA_ROOT, RESULTS, quiet_lightning
 

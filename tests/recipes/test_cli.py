@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipes.cli import run as main
+from chaos_callbacks.recipes.cli import run as main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -115,7 +116,7 @@ def test_quickstart_under_ddp_through_the_cli(tmp_path):
     """The documented multi-GPU path, on 2 CPU processes (gloo), with all five callbacks attached."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
-        [sys.executable, "-m", "recipes.cli", "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+        [sys.executable, "-m", "chaos_callbacks.recipes.cli", "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
          "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps", "12",
          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_checkpointing", "false"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
@@ -126,15 +127,18 @@ def test_quickstart_under_ddp_through_the_cli(tmp_path):
 
 
 def test_console_script_exits_zero(tmp_path):
-    """``chaos-train`` as pip installs it (``sys.exit(main())``) must exit 0 after a successful fit."""
+    """``chaos-train`` as pip installs it (``sys.exit(main())``) must exit 0 after a successful fit.
+
+    The target is read from pyproject.toml (an installed entry point may predate the checkout)."""
+    target = re.search(r'^chaos-train = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+    assert target == "chaos_callbacks.recipes.cli:main"
+    module, function = target.split(":")
     code = (
-        "import sys\n"
-        "from importlib.metadata import entry_points\n"
-        "(ep,) = [e for e in entry_points(group='console_scripts') if e.name == 'chaos-train']\n"
+        "import importlib, sys\n"
         f"sys.argv = ['chaos-train', 'fit', '--config', {str(ROOT / 'configs' / 'quickstart.yaml')!r},\n"
         f"            '--trainer.max_steps', '2', '--trainer.logger.init_args.save_dir', {str(tmp_path)!r},\n"
         "            '--trainer.enable_checkpointing', 'false']\n"
-        "sys.exit(ep.load()())\n"
+        f"sys.exit(importlib.import_module({module!r}).{function}())\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))

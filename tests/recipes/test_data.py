@@ -1,4 +1,4 @@
-"""Tests for recipes.data: digits, MNIST and CIFAR-10 data modules (fake files, no download)."""
+"""Tests for chaos_callbacks.recipes.data: digits, MNIST and CIFAR-10 data modules (fake files, no download)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.data import (
+from chaos_callbacks.recipes.data import (
     CIFAR10DataModule,
     DatasetNotFoundError,
     DigitsDataModule,

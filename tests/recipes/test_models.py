@@ -1,4 +1,4 @@
-"""Tests for recipes.models: shapes, parameter counts, shortcuts, initialisation, validation."""
+"""Tests for chaos_callbacks.recipes.models: shapes, parameter counts, shortcuts, initialisation, validation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from recipes.models import MODEL_NAMES, BasicBlock, build_model, resolve_dtype
+from chaos_callbacks.recipes.models import MODEL_NAMES, BasicBlock, build_model, resolve_dtype
 
 IN_SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 # The deep ResNets are covered by the depth-independent tests below; keep this grid fast.

@@ -1,4 +1,4 @@
-"""Tests for recipes.module.ClassificationModule (short CPU runs on scikit-learn digits)."""
+"""Tests for chaos_callbacks.recipes.module.ClassificationModule (short CPU runs on scikit-learn digits)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recipes.data import DigitsDataModule
-from recipes.module import ClassificationModule
+from chaos_callbacks.recipes.data import DigitsDataModule
+from chaos_callbacks.recipes.module import ClassificationModule
 
 
 def make_trainer(**options) -> L.Trainer:

@@ -24,9 +24,20 @@ from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from recipes.models import resolve_dtype
+from chaos_callbacks.recipes.models import resolve_dtype
 
 Transform = Callable[[Tensor], Tensor]
+
+#: Environment variable naming the folder that holds ``MNIST/raw/`` and ``cifar-10-batches-py/``.
+DATA_ENV = "CHAOS_DATA"
+#: The data folder when neither ``root`` nor ``$CHAOS_DATA`` is given (relative to the working
+#: directory: ``data/`` in the repository root, git-ignored).
+DEFAULT_ROOT = "data"
+
+
+def data_root(root: str | None = None) -> str:
+    """``root`` if given, else ``$CHAOS_DATA`` if set and non-empty, else :data:`DEFAULT_ROOT`."""
+    return root if root is not None else os.environ.get(DATA_ENV) or DEFAULT_ROOT
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -269,7 +280,7 @@ class MNISTDataModule(ImageClassificationDataModule):
     ``<root>/MNIST/raw/`` (60,000 training and 10,000 test 28×28 images).
 
     Args:
-        root: directory holding ``MNIST/raw/``.
+        root: directory holding ``MNIST/raw/``; ``None``: ``$CHAOS_DATA``, else ``data``.
         download: fetch the files from the internet if they are missing.
         The other arguments are those of :class:`ImageClassificationDataModule`.
     """
@@ -287,7 +298,7 @@ class MNISTDataModule(ImageClassificationDataModule):
 
     def __init__(
         self,
-        root: str = "data",
+        root: str | None = None,
         batch_size: int = 128,
         subset: int | None = None,
         full_batch: bool = False,
@@ -299,7 +310,7 @@ class MNISTDataModule(ImageClassificationDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, subset, full_batch, normalize, val_split, num_workers, dtype, seed)
-        self.root = root
+        self.root = data_root(root)
         self.download = download
         self.save_hyperparameters()
 
@@ -318,7 +329,8 @@ class MNISTDataModule(ImageClassificationDataModule):
             os.path.join(self.root, "MNIST", "raw"),
             self.raw_files,
             "MNIST",
-            "Copy the four uncompressed IDX files there (gunzip the *.gz files of the MNIST distribution).",
+            "Copy the four uncompressed IDX files there (gunzip the *.gz files of the MNIST distribution), "
+            f"or point --data.root or ${DATA_ENV} at the folder that holds MNIST/raw/.",
         )
         dataset = MNIST(self.root, train=train, download=False)
         return dataset.data.to(self.dtype).div_(255.0).unsqueeze(1), dataset.targets.long()
@@ -332,7 +344,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
     and horizontal flip of He et al. (2016) to the training images.
 
     Args:
-        root: directory holding ``cifar-10-batches-py/``.
+        root: directory holding ``cifar-10-batches-py/``; ``None``: ``$CHAOS_DATA``, else ``data``.
         augment: random-crop and flip the training images.
         download: fetch and extract the archive from the internet if the files are missing.
         The other arguments are those of :class:`ImageClassificationDataModule`.
@@ -346,7 +358,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
 
     def __init__(
         self,
-        root: str = "data",
+        root: str | None = None,
         batch_size: int = 128,
         subset: int | None = None,
         full_batch: bool = False,
@@ -359,7 +371,7 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, subset, full_batch, normalize, val_split, num_workers, dtype, seed)
-        self.root = root
+        self.root = data_root(root)
         self.augment = augment
         self.download = download
         self.save_hyperparameters()
@@ -379,7 +391,8 @@ class CIFAR10DataModule(ImageClassificationDataModule):
             os.path.join(self.root, CIFAR10.base_folder),
             self.batch_files,
             "CIFAR-10",
-            "Extract cifar-10-python.tar.gz from the CIFAR-10 site into the root directory.",
+            "Extract cifar-10-python.tar.gz from the CIFAR-10 site into the root directory, "
+            f"or point --data.root or ${DATA_ENV} at the folder that holds cifar-10-batches-py/.",
         )
         dataset = CIFAR10(self.root, train=train, download=False)
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)  # stored as (N, H, W, C)

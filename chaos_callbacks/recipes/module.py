@@ -1,4 +1,4 @@
-"""A generic image-classification LightningModule around the :mod:`recipes.models` zoo."""
+"""A generic image-classification LightningModule around the :mod:`chaos_callbacks.recipes.models` zoo."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from lightning import LightningModule
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from recipes.models import build_model, check_choice, resolve_dtype
+from chaos_callbacks.recipes.models import build_model, check_choice, resolve_dtype
 
 LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
 
 class ClassificationModule(LightningModule):
-    """Trains a :func:`recipes.models.build_model` classifier with SGD or Adam.
+    """Trains a :func:`chaos_callbacks.recipes.models.build_model` classifier with SGD or Adam.
 
     Logs ``train/loss`` (every step), ``train/acc`` (per epoch), ``val/loss``, ``val/acc``,
     ``test/loss`` and ``test/acc``. Inputs are cast to the module's dtype in :meth:`forward`,
@@ -25,7 +25,7 @@ class ClassificationModule(LightningModule):
         num_classes: number of classes (link from the datamodule's ``num_classes``).
         in_shape: ``(channels, height, width)`` of one image (link from ``in_shape``).
         model: ``mlp``, ``linear``, ``lenet``, ``resnet{14,20,32,44,56,110}`` or
-            ``plain{14,20,32,44,56,110}`` (see :mod:`recipes.models`).
+            ``plain{14,20,32,44,56,110}`` (see :mod:`chaos_callbacks.recipes.models`).
         widths: hidden widths of ``mlp`` (``None``: ``[64]``).
         activation: ``relu``, ``tanh`` or ``gelu``.
         init: ``default`` (PyTorch's) or ``normal`` (weights N(0, ``init_std``²), zero biases).
