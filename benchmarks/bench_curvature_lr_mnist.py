@@ -1,9 +1,9 @@
 """CurvatureLRScheduler on real MNIST: time to 97 % test accuracy against a constant-learning-rate sweep.
 
-For each model (MLP 784-256-10 ReLU; ``lenet``, the LeNet-5-style CNN of ``recipes.models``),
-``recipes.module.ClassificationModule`` is trained by Lightning on the CPU with plain SGD (no
+For each model (MLP 784-256-10 ReLU; ``lenet``, the LeNet-5-style CNN of ``chaos_callbacks.recipes.models``),
+``chaos_callbacks.recipes.module.ClassificationModule`` is trained by Lightning on the CPU with plain SGD (no
 momentum, no weight decay), batch 128, on a fixed, seeded ``--subset`` of the MNIST training set
-(``recipes.data.MNISTDataModule``; the last partial batch of each epoch is dropped), for
+(``chaos_callbacks.recipes.data.MNISTDataModule``; the last partial batch of each epoch is dropped), for
 ``--epochs`` epochs. Every run starts from the same initial weights and sees the same batches in
 the same order. Compared:
 

@@ -1,6 +1,6 @@
 """Overhead of ``DiffusionTracker`` relative to the training step, and its memory per window.
 
-Two models trained by SGD in a real Lightning Trainer (``recipes.module.ClassificationModule``):
+Two models trained by SGD in a real Lightning Trainer (``chaos_callbacks.recipes.module.ClassificationModule``):
 
 * an MNIST MLP 784-64-10 on real MNIST (``--data-root``, read with
   ``torchvision.datasets.MNIST(root, download=False)``),

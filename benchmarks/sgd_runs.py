@@ -1,5 +1,5 @@
 """Shared machinery of the SGD benchmarks and reproductions: one seeded Lightning run of
-``recipes.module.ClassificationModule`` with plain SGD on MNIST (or CIFAR-10, ``--dataset``), a
+``chaos_callbacks.recipes.module.ClassificationModule`` with plain SGD on MNIST (or CIFAR-10, ``--dataset``), a
 test-accuracy recorder, the curvature learning-rate modes, and a ``HessianSpectrumMonitor`` that
 keeps the history of its estimates.
 

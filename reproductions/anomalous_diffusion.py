@@ -29,7 +29,7 @@ Three experiments drive the product (``lightning`` Trainer + ``ClassificationMod
   selected too, the table also covers the shortcut runs (and the ``windows`` runs are made only if
   ``windows`` is selected).
 * ``shortcuts``: the paper's comparison, reduced for a CPU: ``resnet14`` (option-A shortcuts,
-  BatchNorm) vs ``plain14`` (the same network without shortcuts) from ``recipes.models``, SGD
+  BatchNorm) vs ``plain14`` (the same network without shortcuts) from ``chaos_callbacks.recipes.models``, SGD
   (``--shortcut-*`` flags), the same window and tail statistics.
 
 The shortcut defaults follow the authors' training code (github ifgovh/Anomalous-diffusion-

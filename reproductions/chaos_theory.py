@@ -10,7 +10,7 @@ optimization" (OpenReview 37Fh1MiR5Ze) claim, on CIFAR-10:
    θ ↦ θ + η_a∇L, λ_max = (e^Λ − 1)/η_a (``method="lyapunov"`` of ``HessianSpectrumMonitor``);
 3. the quasi-Newton rate η_t = 1/λ_max(θ_t) trains as well as a tuned constant rate.
 
-This script drives the product on real MNIST (``recipes.module.ClassificationModule``, plain SGD,
+This script drives the product on real MNIST (``chaos_callbacks.recipes.module.ClassificationModule``, plain SGD,
 batch 128, a seeded ``--subset``): for each model and constant rate in ``--lrs`` it attaches three
 ``HessianSpectrumMonitor`` s every ``--every`` steps — Lanczos on a fixed probe of ``--probe``
 training examples (the sharpness of the training loss), Lanczos on the current mini-batch, and the

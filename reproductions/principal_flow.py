@@ -14,7 +14,7 @@ in deep learning" (arXiv 2302.01952):
 
 Part 1 sweeps h on the quadratic and compares the observed regime (sign flips, growth, steps to
 a 10⁻⁶ loss reduction) with ``stability_regime`` and ``principal_flow_coefficients`` of the
-package. Part 2 trains MNIST models (``recipes.module.ClassificationModule``) by full-batch gradient
+package. Part 2 trains MNIST models (``chaos_callbacks.recipes.module.ClassificationModule``) by full-batch gradient
 descent on a seeded ``--subset`` (the authors' DAL code accumulates full-batch gradients), at
 constant rates and with ``CurvatureLRScheduler(mode="dal", power=p)`` for each ``--powers`` p (v on
 the full batch every ``--every`` steps; ``--max-lr`` caps the rate, default 5 as in the authors'
