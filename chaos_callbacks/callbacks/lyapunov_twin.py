@@ -9,6 +9,7 @@ optimizer mirror are :mod:`~chaos_callbacks.callbacks._twin_mirror`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal
 
@@ -236,7 +237,7 @@ class LyapunovTwinRun(TwinMode, TangentMode, Callback):
         self.per_twin: dict[str, list[float]] = {}
         self.local_fits: list[LocalExponentFit | None] = []
 
-    @property
+    @functools.cached_property  # Lightning reads it at every hook call; the settings it names are fixed
     def state_key(self) -> str:
         return self._generate_state_key(
             mode=self.mode, renormalize_every=self.renormalize_every, n_twins=self.n_twins, seed=self.seed,
