@@ -70,6 +70,15 @@ def _check_positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
 
 
+def _checked(params: Sequence[Tensor], num_params: int) -> list[Tensor]:
+    """The parameter tensors as a list, refused when empty or not ``num_params`` elements in all."""
+    params = list(params)
+    if not params:
+        raise ValueError("params must be a non-empty sequence of tensors")
+    _check_param_count(params, num_params)
+    return params
+
+
 def _check_param_count(params: Sequence[Tensor], num_params: int) -> None:
     total = sum(p.numel() for p in params)
     if total != num_params:
@@ -95,7 +104,28 @@ def _is_prime(n: int) -> bool:
     return all(n % k for k in range(3, math.isqrt(n) + 1, 2))
 
 
-class StridedSignSketch:
+class _SeededSketch:
+    """Checkpoint state of a sketch that is a pure function of ``(num_params, dim, seed)``:
+    those three integers and the class's ``KIND``."""
+
+    KIND: str
+    num_params: int
+    dim: int
+    seed: int
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"kind": KIND, "num_params", "dim", "seed"}``."""
+        return {"kind": self.KIND, "num_params": self.num_params, "dim": self.dim, "seed": self.seed}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Any:
+        """Rebuild the identical sketch from :meth:`state_dict` (on the CPU)."""
+        if state.get("kind") != cls.KIND:
+            raise ValueError(f"expected a state with kind {cls.KIND!r}; got {state.get('kind')!r}")
+        return cls(int(state["num_params"]), int(state["dim"]), int(state["seed"]))
+
+
+class StridedSignSketch(_SeededSketch):
     """Strided-bucket sign sketch of a parameter list: y_j = Σ_{i ≡ j (mod p)} s_i x_i.
 
     Coordinate i of the concatenated flattened parameters (in the given order) goes to bucket
@@ -147,6 +177,8 @@ class StridedSignSketch:
         seed: seed of the signs.
     """
 
+    KIND = "strided_sign"
+
     _ROWS = 32
     """Rows of p elements per chunk (fastest measured on one CPU thread at 1e7 parameters)."""
 
@@ -190,10 +222,7 @@ class StridedSignSketch:
         Returns:
             float64 tensor of shape ``(dim,)`` on the parameters' device.
         """
-        params = list(params)
-        if not params:
-            raise ValueError("params must be a non-empty sequence of tensors")
-        _check_param_count(params, self.num_params)
+        params = _checked(params, self.num_params)
         device = params[0].device
         if self._signs.device != device:
             self.to(device)
@@ -236,31 +265,13 @@ class StridedSignSketch:
         chunk = self._buffer[: rows * self.dim].view(rows, self.dim)
         out.addmv_(chunk.t(), self._ones[:rows])
 
-    def state_dict(self) -> dict[str, Any]:
-        """``{"kind": "strided_sign", "num_params", "dim", "seed"}``."""
-        return {
-            "kind": "strided_sign",
-            "num_params": self.num_params,
-            "dim": self.dim,
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "StridedSignSketch":
-        """Rebuild the identical sketch from :meth:`state_dict` (on the CPU)."""
-        if state.get("kind") != "strided_sign":
-            raise ValueError(
-                f"expected a state with kind 'strided_sign'; got {state.get('kind')!r}"
-            )
-        return cls(int(state["num_params"]), int(state["dim"]), int(state["seed"]))
-
 
 def _check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int; got {seed!r}")
 
 
-class CountSketch:
+class CountSketch(_SeededSketch):
     """Sparse Johnson–Lindenstrauss projection (CountSketch) of a parameter list.
 
     Kept only to restore checkpoints written with it (state kind ``"count_sketch"``):
@@ -293,6 +304,8 @@ class CountSketch:
         dim: sketch dimension d.
         seed: seed of the hash functions.
     """
+
+    KIND = "count_sketch"
 
     def __init__(self, num_params: int, dim: int, seed: int = 0) -> None:
         _check_positive_int("num_params", num_params)
@@ -327,10 +340,7 @@ class CountSketch:
         Returns:
             float64 tensor of shape ``(dim,)`` on the parameters' device.
         """
-        params = list(params)
-        if not params:
-            raise ValueError("params must be a non-empty sequence of tensors")
-        _check_param_count(params, self.num_params)
+        params = _checked(params, self.num_params)
         device = params[0].device
         if self._codes.device != device:
             self.to(device)
@@ -348,24 +358,6 @@ class CountSketch:
                 bins.scatter_add_(0, codes, piece.to(torch.float64))
             offset += flat.numel()
         return bins[: self.dim] - bins[self.dim :]
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"kind": "count_sketch", "num_params", "dim", "seed"}``."""
-        return {
-            "kind": "count_sketch",
-            "num_params": self.num_params,
-            "dim": self.dim,
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "CountSketch":
-        """Rebuild the identical sketch from :meth:`state_dict` (on the CPU)."""
-        if state.get("kind") != "count_sketch":
-            raise ValueError(
-                f"expected a state with kind 'count_sketch'; got {state.get('kind')!r}"
-            )
-        return cls(int(state["num_params"]), int(state["dim"]), int(state["seed"]))
 
 
 class ExactProjection:
@@ -398,10 +390,7 @@ class ExactProjection:
     @torch.no_grad()
     def project(self, params: Sequence[Tensor]) -> Tensor:
         """The flattened ``params`` concatenated in order, as float64 of shape ``(dim,)``."""
-        params = list(params)
-        if not params:
-            raise ValueError("params must be a non-empty sequence of tensors")
-        _check_param_count(params, self.num_params)
+        params = _checked(params, self.num_params)
         out = torch.empty(self.dim, dtype=torch.float64, device=params[0].device)
         offset = 0
         for p in params:
