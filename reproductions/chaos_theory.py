@@ -62,9 +62,9 @@ def make_monitors(args: argparse.Namespace) -> dict[str, RecordingMonitor]:
     """Lanczos on the fixed probe, Lanczos on the batch and the Lyapunov map on the batch."""
     common = dict(every_n_steps=args.every, lambda_min=False, tol=args.tol, seed=args.seed)
     return {
-        "probe": RecordingMonitor(probe=args.probe, max_hvps=args.max_hvps, **common),
-        "batch": RecordingMonitor(probe="batch", max_hvps=args.max_hvps, **common),
-        "map": RecordingMonitor(probe="batch", method="lyapunov", max_hvps=args.map_max_hvps, **common),
+        "probe": RecordingMonitor(probe=args.probe, max_hvps=args.max_hvps, prefix="probe/", **common),
+        "batch": RecordingMonitor(probe="batch", max_hvps=args.max_hvps, prefix="batch/", **common),
+        "map": RecordingMonitor(probe="batch", method="lyapunov", max_hvps=args.map_max_hvps, prefix="map/", **common),
     }
 
 
