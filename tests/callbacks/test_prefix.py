@@ -95,3 +95,27 @@ def test_summary_and_csv_show_prefixed_headlines(tmp_path, capsys):
     assert "a/hessian/lambda_max" in text and "b/hessian/lambda_max" in text
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"a/hessian/lambda_max", "b/hessian/lambda_max", "a/hessian/hvps"} <= set(header)
+
+
+def test_prefixed_instances_resume_each_from_its_own_state(tmp_path):
+    """Two prefixed monitors with different settings and two prefixed diffusion trackers: a run resumed from a
+    mid-run checkpoint logs, under every prefixed tag, exactly what the uninterrupted run logged."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, save=False):
+        pl.seed_everything(0, verbose=False)
+        cbs = [HessianSpectrumMonitor(every_n_steps=2, prefix="a/"), HessianSpectrumMonitor(every_n_steps=2, top_k=2, prefix="b/"),
+               DiffusionTracker(window=6, dim=64, lags=3, prefix="a/"), DiffusionTracker(window=6, dim=64, lags=3, seed=1, prefix="b/")]
+        if save:
+            cbs.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+        t = pl.Trainer(max_epochs=4, callbacks=cbs, logger=False, enable_checkpointing=save, enable_progress_bar=False,
+                       enable_model_summary=False, accelerator="cpu")
+        t.fit(TinyNet(), loader(random_classification(n=64), shuffle=False), ckpt_path=ckpt_path)
+        return {k: v for k, v in t.callback_metrics.items() if k.startswith(("a/", "b/"))}
+
+    full = run(save=True)
+    resumed = run(ckpt_path=str(tmp_path / "epoch=1.ckpt"))
+    assert {"a/hessian/lambda_max", "b/hessian/eig_2", "a/diffusion/exponent", "b/diffusion/exponent"} <= full.keys()
+    assert full.keys() == resumed.keys()
+    for tag in full:
+        assert torch.equal(full[tag], resumed[tag]), tag
