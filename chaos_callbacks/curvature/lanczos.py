@@ -268,7 +268,7 @@ class Rows:
         return out
 
 
-def orthogonalize(w: Tensor, *bases: Rows, norm: float | None = None) -> tuple[Tensor, float]:
+def orthogonalize(w: Tensor, *bases: Rows) -> tuple[Tensor, float]:
     """Remove from ``w`` (in place) its components along the orthonormal rows of ``bases``.
 
     First a local pass against the two newest rows of the last basis — in a Lanczos recurrence
@@ -279,9 +279,8 @@ def orthogonalize(w: Tensor, *bases: Rows, norm: float | None = None) -> tuple[T
     Returns the coefficients (all passes summed, float64 on the CPU) and the final norm.
     """
     bases = tuple(b for b in bases if len(b))
-    norm = float(w.norm()) if norm is None else norm
     if not bases:
-        return torch.zeros(0, dtype=torch.float64), norm
+        return torch.zeros(0, dtype=torch.float64), float(w.norm())
     total = torch.zeros(sum(len(b) for b in bases), dtype=torch.float64)
     last = bases[-1]
     for i in range(len(last) - min(2, len(last)), len(last)):
@@ -449,9 +448,8 @@ class KrylovSchur:
         u = self.U.append(self.q)
         self.q = None
         w = self.matvec(u)
-        norm = float(w.norm())
-        self.scale = max(self.scale, norm)
-        coeffs, beta = orthogonalize(w, *self.locked, self.U, norm=norm)
+        self.scale = max(self.scale, float(w.norm()))
+        coeffs, beta = orthogonalize(w, *self.locked, self.U)
         coeffs = coeffs[sum(len(r) for r in self.locked) :]
         m = len(self.U) - 1
         T = torch.zeros(m + 1, m + 1, dtype=torch.float64)
