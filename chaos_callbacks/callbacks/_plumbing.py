@@ -316,9 +316,8 @@ class LogGather(Callback):
             if before is not None and step >= before:
                 break
             values = self.pending.pop(step)
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(values, step=step)
+            for logger in trainer.loggers:  # only rank zero has anything pending (log_scalars)
+                logger.log_metrics(values, step=step)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._step_at_start = trainer.global_step
@@ -341,22 +340,23 @@ def _fitting(trainer: Trainer) -> bool:
     return trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
 
 
+def _attached_gather(trainer: Trainer) -> LogGather | None:
+    return next((callback for callback in trainer.callbacks if isinstance(callback, LogGather)), None)
+
+
 def log_gather(trainer: Trainer) -> LogGather:
     """The Trainer's :class:`LogGather`, appended to ``trainer.callbacks`` on first use."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, LogGather):
-            return callback
-    gather = LogGather()
-    trainer.callbacks.append(gather)
+    gather = _attached_gather(trainer)
+    if gather is None:
+        gather = LogGather()
+        trainer.callbacks.append(gather)
     return gather
 
 
 def logged_values(trainer: Trainer) -> dict[str, Logged]:
     """Last value, step and step of last change of every tag :func:`log_scalars` wrote (empty if none)."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, LogGather):
-            return dict(callback.ledger)
-    return {}
+    gather = _attached_gather(trainer)
+    return {} if gather is None else dict(gather.ledger)
 
 
 def tensorboard_loggers(trainer: Trainer) -> list[TensorBoardLogger]:

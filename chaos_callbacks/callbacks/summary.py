@@ -178,12 +178,8 @@ class ChaosSummary(Callback):
 
     def table_dir(self, trainer: Trainer) -> str:
         """The first logger's ``log_dir`` (else its ``save_dir``), else ``trainer.default_root_dir``."""
-        for logger in trainer.loggers[:1]:
-            for attribute in ("log_dir", "save_dir"):
-                folder = _attribute(logger, attribute)
-                if folder:
-                    return str(folder)
-        return str(trainer.default_root_dir)
+        folder = _folder(trainer.loggers[0]) if trainer.loggers else None
+        return str(folder or trainer.default_root_dir)
 
     def write_table(self, trainer: Trainer, rows: list[Row]) -> tuple[str, str]:
         folder = self.table_dir(trainer)
@@ -200,8 +196,10 @@ class ChaosSummary(Callback):
         return csv_path, json_path
 
     # ------------------------------------------------------------------ report
-    def summary(self, trainer: Trainer, pl_module: LightningModule | None = None, table: tuple[str, str] | None = None) -> str:
-        rows = {r.tag: r for r in self.rows(trainer, pl_module)}
+    def summary(self, trainer: Trainer, pl_module: LightningModule | None = None, table: tuple[str, str] | None = None,
+                rows: list[Row] | None = None) -> str:
+        """The report (``rows``: those of :meth:`rows`, when already computed)."""
+        rows = {r.tag: r for r in (self.rows(trainer, pl_module) if rows is None else rows)}
         lines = [f"chaos_callbacks summary after {trainer.global_step} steps", ""]
         lines += _headline_lines(trainer, rows)
         lines += ["", "skipped estimates (kind x count: last message)"]
@@ -215,8 +213,9 @@ class ChaosSummary(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        table = self.write_table(trainer, self.rows(trainer, pl_module))
-        print("\n" + self.summary(trainer, pl_module, table), flush=True)
+        rows = self.rows(trainer, pl_module)
+        table = self.write_table(trainer, rows)
+        print("\n" + self.summary(trainer, pl_module, table, rows), flush=True)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -226,6 +225,11 @@ def _attribute(obj: Any, name: str) -> Any:
         return getattr(obj, name, None)
     except Exception:
         return None
+
+
+def _folder(logger: Any) -> Any:
+    """Where a logger writes locally: its ``log_dir``, else its ``save_dir`` (``None`` if neither)."""
+    return _attribute(logger, "log_dir") or _attribute(logger, "save_dir")
 
 
 def _finite_weights(module: LightningModule) -> bool:
@@ -340,7 +344,7 @@ def _logger_lines(trainer: Trainer) -> list[str]:
     lines = []
     for logger in trainer.loggers:
         name = type(logger).__name__
-        folder = _attribute(logger, "log_dir") or _attribute(logger, "save_dir")
+        folder = _folder(logger)
         if isinstance(logger, CSVLogger) and folder:
             lines.append(f"  {name}: {os.path.join(folder, 'metrics.csv')}")
         elif isinstance(logger, TensorBoardLogger) and folder:
