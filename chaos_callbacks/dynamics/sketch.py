@@ -75,17 +75,13 @@ def _checked(params: Sequence[Tensor], num_params: int) -> list[Tensor]:
     params = list(params)
     if not params:
         raise ValueError("params must be a non-empty sequence of tensors")
-    _check_param_count(params, num_params)
-    return params
-
-
-def _check_param_count(params: Sequence[Tensor], num_params: int) -> None:
     total = sum(p.numel() for p in params)
     if total != num_params:
         raise ValueError(
             f"the parameter tensors hold {total} elements in total; this projector was built "
             f"for num_params={num_params}"
         )
+    return params
 
 
 def largest_prime_at_most(n: int) -> int:
