@@ -41,14 +41,13 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.bench_diffusion_overhead import time_analysis
 from benchmarks.common import markdown_table, quiet_lightning
 from chaos_callbacks import DiffusionTracker, GradientTailFitter, HessianSpectrumMonitor, LyapunovTwinRun
-from chaos_callbacks.dynamics.diffusion import WindowAccumulator, log_spaced_lags
 
 BATCH = 64
 INSTRUMENTS: dict[str, tuple[str, Callable[[], pl.Callback]]] = {
@@ -123,21 +122,6 @@ def run(hidden: int, data: TensorDataset, warmup: int, steps: int, callback: pl.
     return clock.seconds / steps
 
 
-def window_analysis_seconds(window: int = 1000, dim: int = 1024, repeats: int = 3) -> float:
-    """Median CPU seconds of the analysis DiffusionTracker runs when a (default) window fills."""
-    rng = np.random.default_rng(0)
-    path, losses = np.cumsum(rng.standard_normal((window, dim)), axis=0), rng.standard_normal(window)
-    times = []
-    for _ in range(repeats):
-        acc = WindowAccumulator(window, dim, lags=log_spaced_lags(window, 24))
-        for t in range(window - 1):
-            acc.append(path[t], losses[t], t)
-        start = time.process_time()
-        acc.append(path[-1], losses[-1], window - 1)
-        times.append(time.process_time() - start)
-    return statistics.median(times)
-
-
 def compare(key: str, hidden: int, data: TensorDataset, warmup: int, steps: int, repeats: int) -> dict[str, Any]:
     """Paired runs without / with the instrument, the order alternating."""
     base, watched, ratios, hooks = [], [], [], []
@@ -193,7 +177,7 @@ def main() -> None:
     quiet_lightning()
     steps_per_size = args.steps if len(args.steps) == len(args.params) else args.steps[:1] * len(args.params)
     rows = []
-    analysis = window_analysis_seconds() if "diffusion" in args.only else math.nan
+    analysis = time_analysis(1000, 1024, repeats=3, clock=time.process_time) if "diffusion" in args.only else math.nan
     for params, steps in zip(args.params, steps_per_size):
         hidden = hidden_for(params)
         n = sum(p.numel() for p in Net(hidden).parameters())
