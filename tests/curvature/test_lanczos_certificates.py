@@ -272,3 +272,22 @@ def test_stagnation_at_the_float32_floor_stops_early():
     ok = lanczos(lambda v: A @ v, N, k=1, want_min=False, tol=1e-4, max_matvecs=500, generator=torch.Generator().manual_seed(0))
     assert ok.converged and ok.stop_reason == "converged"
     assert abs(float(ok.eigenvalues[0]) - float(evals.max())) <= float(ok.error_bounds[0]) + 1e-5
+
+
+def test_a_cold_start_is_not_certified_before_its_index_is_likely():
+    """Regression: from a random start, a loose ``tol`` used to certify ``λ_2`` as ``λ_1`` after 4–5 products
+    (seeds 129, 203, 288 of 300 on this spectrum; on real MNIST a cold ``tol=1e-2`` estimate reported ``λ_2``
+    with a bound 20× too small). A cold run now takes :func:`cold_start_matvecs` products first."""
+    from chaos_callbacks.curvature.lanczos import cold_start_matvecs
+
+    n = 20_000
+    g = torch.Generator().manual_seed(0)
+    evals = torch.cat([torch.tensor([7.06, 6.17], dtype=torch.float64), torch.rand(n - 2, generator=g, dtype=torch.float64) * 0.8 - 0.3])
+    d = evals.float()
+    assert cold_start_matvecs(n) == 17 and cold_start_matvecs(10**7) == 22 and cold_start_matvecs(10) == 10
+    for seed in [129, 203, 288, *range(12)]:
+        res = lanczos(lambda v: d * v, n, k=1, want_min=False, tol=1e-2, generator=torch.Generator().manual_seed(seed))
+        assert res.converged and res.num_matvecs >= 17
+        assert float(res.eigenvalues[0]) <= 7.06 + 1e-5 <= float(res.eigenvalues[0] + res.error_bounds[0]) + 2e-5
+    warm = lanczos(lambda v: d * v, n, k=1, want_min=False, tol=1e-2, init=res.eigenvectors, generator=torch.Generator().manual_seed(0))
+    assert warm.converged and warm.num_matvecs < 17  # a warm start rests on its warm vectors (module docstring)
