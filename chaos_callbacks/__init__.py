@@ -26,8 +26,10 @@ __all__ = sorted(_CALLBACKS)
 def __getattr__(name: str) -> Any:
     if name in _CALLBACKS:
         return getattr(importlib.import_module(_CALLBACKS[name]), name)
+    if name == "preset":  # cost tiers: chaos_callbacks.presets
+        return importlib.import_module("chaos_callbacks.presets").preset
     raise AttributeError(f"module 'chaos_callbacks' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_CALLBACKS])
+    return sorted([*globals(), *_CALLBACKS, "preset"])
