@@ -8,9 +8,11 @@ configurations by cost; these tiers do the same for the instruments here, at a c
   :class:`~chaos_callbacks.GradientTailFitter` every ``every_n_steps`` steps.
 * ``"business"`` — economy, plus :class:`~chaos_callbacks.HessianSpectrumMonitor` (``λ_max``, batch
   sharpness, ``‖Hg‖/‖g‖``; no ``λ_min``) every ``4 × every_n_steps`` and
-  :class:`~chaos_callbacks.DiffusionTracker` sampling the weights every ``every_n_steps``.
+  :class:`~chaos_callbacks.DiffusionTracker` sampling the weights every ``every_n_steps`` (windows of
+  20 samples).
 * ``"full"`` — every instrument: the monitor every ``every_n_steps`` with the top 3 eigenvalues,
-  ``λ_min`` and the trace, the tracker at every step, and :class:`~chaos_callbacks.LyapunovTwinRun`
+  ``λ_min`` and the trace, the tracker at every step (windows of ``10 × every_n_steps``), and
+  :class:`~chaos_callbacks.LyapunovTwinRun`
   (a twin run: about twice the training cost).
 
 Each tier ends with :class:`~chaos_callbacks.ChaosSummary`. ``benchmarks/bench_presets.py`` measures
@@ -37,14 +39,14 @@ def tier_arguments(tier: str, every_n_steps: int = 16) -> dict[str, dict[str, An
         tiers = {
             **economy,
             "HessianSpectrumMonitor": {"every_n_steps": 4 * c, "lambda_min": False},
-            "DiffusionTracker": {"every_n_steps": c, "window": max(20, 2000 // c)},
+            "DiffusionTracker": {"every_n_steps": c, "window": 20},
         }
     else:
         tiers = {
             **economy,
             "HessianSpectrumMonitor": {"every_n_steps": c, "top_k": 3, "lambda_min": True,
                                        "lambda_min_every_n_steps": 10 * c, "trace": True},
-            "DiffusionTracker": {"every_n_steps": 1, "window": max(100, 20 * c)},
+            "DiffusionTracker": {"every_n_steps": 1, "window": 10 * c},
             "LyapunovTwinRun": {},
         }
     return {**tiers, "ChaosSummary": {}}
