@@ -44,8 +44,9 @@ class HessianSpectrumMonitor(Callback):
 
     optionally the trace (Hutchinson, deflated by the Ritz pairs) and the spectral density
     (stochastic Lanczos quadrature, Ghorbani et al. 2019), and always the gradient-weighted
-    curvature ``‖Hg‖/‖g‖`` (Rosca et al. 2023) and ``lr · λ_max`` (2 is the edge of stability,
-    Cohen et al. 2021).
+    curvature ``‖Hg‖/‖g‖`` (Rosca et al. 2023), the batch sharpness ``gᵀHg/‖g‖²`` (Andreyev &
+    Beneventano, arXiv 2412.20553: what mini-batch SGD holds at ``2/η``; both from one product ``Hg``
+    on the probe gradient ``g``) and ``lr · λ_max`` (2 is the edge of stability, Cohen et al. 2021).
 
     Args:
         every_n_steps: cadence in optimizer steps (an estimate runs when ``global_step`` is a
@@ -242,7 +243,8 @@ class HessianSpectrumMonitor(Callback):
 
         ``hessian/hvps`` is the products this estimate took: its eigen-solve — run at the strictest
         tolerance and largest budget of the consumers that reuse it, who then take none — the trace,
-        the density and ``‖Hg‖/‖g‖`` (unless another consumer of the operator computed it first).
+        the density and the product ``Hg`` of ``‖Hg‖/‖g‖`` and the batch sharpness (unless another
+        consumer of the operator computed it first).
         """
         self._estimate_step = trainer.global_step  # the engine may run this before the monitor's own hook
         generator = torch.Generator().manual_seed(self.seed + self._num_estimates)
@@ -273,6 +275,7 @@ class HessianSpectrumMonitor(Callback):
         if self.density and trainer.global_step % self.density_every_n_steps == 0:
             density = spectral_density(op, op.dim, num_probes=self.density_probes, steps=self.density_steps, **kw)
         metrics["hessian/grad_curvature"] = shared.grad_curvature()
+        metrics["hessian/batch_sharpness"] = shared.batch_sharpness()
         metrics["hessian/hvps"] = float(op.num_matvecs)
         if not plumb.is_finite(*[v for v in metrics.values() if v is not None]):
             raise plumb.EstimateSkipped(f"non-finite estimate {metrics}")

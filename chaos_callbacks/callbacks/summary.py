@@ -29,6 +29,7 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
         "lr x lambda_max (2 = edge of stability)": ["Multiline", [r"hessian/sharpness_lr$"]],
         "trace": ["Multiline", [r"hessian/trace$"]],
         "gradient-weighted curvature |Hg|/|g|": ["Multiline", [r"hessian/grad_curvature$"]],
+        "batch sharpness g'Hg/|g|^2 (SGD holds it at 2/lr)": ["Multiline", [r"hessian/batch_sharpness$"]],
     },
     "lyapunov": {
         "maximal exponent (ln per step)": ["Multiline", [r"lyapunov/mle$"]],
@@ -107,10 +108,10 @@ HEADLINES: tuple[str, ...] = (
 )
 
 #: Quantities (last part of a tag) measured without estimation error: counters, the rate in use,
-#: distances and losses of two actual runs, one exact product (README, "What each chart means").
+#: distances and losses of two actual runs, exact products (README, "What each chart means").
 EXACT_QUANTITIES = frozenset({
     "hvps", "skipped", "reseeds", "distance", "log_distance", "twin_loss", "function_distance",
-    "grad_curvature", "lr", "temperature", "saturated",
+    "grad_curvature", "lr", "temperature", "saturated", "batch_sharpness",
 })
 #: Statistics without a standard error of their own (p-values of tests).
 STATISTICS = frozenset({"vuong_p", "vuong_p_student_t", "crossover_pvalue"})
