@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from chaos_callbacks.callbacks import _engine
+from chaos_callbacks.callbacks import _hessian_preconditioned as precond
 from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks import _validation as V
 from chaos_callbacks.curvature import (
@@ -103,6 +104,13 @@ class HessianSpectrumMonitor(Callback):
             ``"eval"``.
         warm_start: start each Lanczos run from the previous Ritz vectors.
         seed: seed of the random start vectors and probes (same on every rank).
+        preconditioned: when the (first) optimizer is Adam/AdamW, also estimate its preconditioned
+            sharpness ``λ_max(P^{-1/2} H P^{-1/2})`` (Cohen et al., arXiv 2207.14484; ``P =
+            (1 − β₁^{t+1}) diag(sqrt(v̂) + ε)``, the scheduler's preconditioner, groups with a lower rate
+            scaled by ``η_i/η``) by its own warm-started Lanczos to ``tol`` within ``max_hvps``, logged as
+            ``hessian/preconditioned_lambda_max`` (certified ``_error``) with
+            ``hessian/preconditioned_sharpness_ratio = η λ / τ``, ``τ = (2 + 2β₁)/(1 − β₁)`` Adam's
+            stability threshold (1 = at the edge of stability). Not logged before Adam's first step.
         prefix: prepended to every tag this callback writes (``"probe_a/"`` → ``probe_a/hessian/...``),
             so that two instances can run side by side; two instances of one area with the same
             prefix are refused (identical ones by Lightning when the Trainer is built, others at fit start).
@@ -134,6 +142,7 @@ class HessianSpectrumMonitor(Callback):
         lambda_min_max_hvps: int = 150,
         max_basis: int | None = None,
         checkpoint_warm_vectors: WarmFormat = "full",
+        preconditioned: bool = True,
         prefix: str = "",
     ) -> None:
         name = type(self).__name__
@@ -174,6 +183,8 @@ class HessianSpectrumMonitor(Callback):
         self.lambda_min_max_hvps = V.check_int(name, "lambda_min_max_hvps", lambda_min_max_hvps, minimum=1)
         self.max_basis = V.check_int(name, "max_basis", max_basis, minimum=2 * (self.top_k + 2), allow_none=True)
         self.checkpoint_warm_vectors = V.check_choice(name, "checkpoint_warm_vectors", checkpoint_warm_vectors, ("full", "half", "none"))
+        self.preconditioned = V.check_bool(name, "preconditioned", preconditioned)
+        self._precond_warm: torch.Tensor | None = None
         self._warn = plumb.WarnOnce(type(self).__name__)
         self._probe_batches: list[Any] | None = None
         self._warm_vectors: torch.Tensor | None = None
@@ -276,6 +287,8 @@ class HessianSpectrumMonitor(Callback):
             density = spectral_density(op, op.dim, num_probes=self.density_probes, steps=self.density_steps, **kw)
         metrics["hessian/grad_curvature"] = shared.grad_curvature()
         metrics["hessian/batch_sharpness"] = shared.batch_sharpness()
+        if self.preconditioned and trainer.optimizers:
+            self._preconditioned(trainer.optimizers[0], op, metrics, kw)
         metrics["hessian/hvps"] = float(op.num_matvecs)
         if not plumb.is_finite(*[v for v in metrics.values() if v is not None]):
             raise plumb.EstimateSkipped(f"non-finite estimate {metrics}")
@@ -358,6 +371,7 @@ class HessianSpectrumMonitor(Callback):
             "last_step": self._last_step,
             "num_estimates": self._num_estimates,
             "skipped": self._warn.count,
+            "preconditioned_warm": _pack_warm(self._precond_warm, self.checkpoint_warm_vectors),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -367,6 +381,34 @@ class HessianSpectrumMonitor(Callback):
         self._last_step = state_dict["last_step"]
         self._num_estimates = state_dict["num_estimates"]
         self._warn.count = state_dict["skipped"]
+        self._precond_warm = _unpack_warm(state_dict.get("preconditioned_warm"))
+
+    # ------------------------------------------------------------------ extras (issue 16)
+    def _preconditioned(self, optimizer: Any, op: Any, metrics: dict[str, float], kw: dict[str, Any]) -> None:
+        """Adam's preconditioned sharpness into ``metrics`` (nothing for other optimizers or before
+        Adam's first step; an uncertified solve is warned and counted, the other quantities stay)."""
+        if not precond.is_adam(optimizer):
+            return
+        init, self._precond_warm = (self._precond_warm if self.warm_start else None), None
+        try:
+            top = precond.preconditioned_top(op, op.dim, op.params, optimizer, tol=self.tol, max_matvecs=self.max_hvps,
+                                             init=init, **kw)
+        except RuntimeError as exc:
+            self._warn("preconditioned", f"{exc}: hessian/preconditioned_lambda_max not logged (the other quantities are)")
+            return
+        if top is None:
+            return
+        self._precond_warm = top.vectors
+        metrics["hessian/preconditioned_lambda_max"] = top.value
+        metrics["hessian/preconditioned_lambda_max_error"] = top.error
+        if top.ratio is None:
+            if "preconditioned_ratio" not in self._warn.seen:  # once, not counted as a skip
+                self._warn.seen.add("preconditioned_ratio")
+                rank_zero_warn(f"{type(self).__name__}: the parameter groups of Adam have different beta1, so there is no "
+                               "single stability threshold: hessian/preconditioned_sharpness_ratio is not logged")
+            return
+        metrics["hessian/preconditioned_sharpness_ratio"] = top.ratio
+        metrics["hessian/preconditioned_sharpness_ratio_error"] = top.ratio_error
 
 
 def _pack_warm(vectors: torch.Tensor | None, fmt: str) -> torch.Tensor | dict[str, Any] | None:
