@@ -234,7 +234,7 @@ class CurvatureEngine:
 
     def __init__(self) -> None:
         self._consumers: list[Any] = []
-        self._probe_sets: dict[int, list[Any]] = {}
+        self._probe_sets: dict[tuple[str, int], list[Any]] = {}
         self._step: int | None = None
         self._outcomes: dict[Any, Outcome] = {}
 
@@ -245,14 +245,15 @@ class CurvatureEngine:
         self._step = None
         self._outcomes.clear()
 
-    def probe_set(self, trainer: Trainer, size: int, existing: list[Any] | None) -> list[Any]:
-        """One fixed probe set of ``size`` examples per Trainer, so consumers with the same ``probe``
-        share its forward: ``existing`` (a consumer's restored set) if it is the first of its size or
-        equals the shared one, else drawn once with :func:`~chaos_callbacks.callbacks._plumbing.draw_probe_batches`."""
-        shared = self._probe_sets.get(size)
+    def probe_set(self, trainer: Trainer, size: int, existing: list[Any] | None, split: str = "train") -> list[Any]:
+        """One fixed probe set of ``size`` examples of ``split`` (``"train"`` or ``"val"``) per Trainer, so
+        consumers with the same ``probe`` and split share its forward: ``existing`` (a consumer's restored
+        set) if it is the first of its size and split or equals the shared one, else drawn once with
+        :func:`~chaos_callbacks.callbacks._plumbing.draw_probe_batches`."""
+        shared = self._probe_sets.get((split, size))
         if shared is None:
-            shared = existing if existing is not None else plumb.draw_probe_batches(trainer, size)
-            self._probe_sets[size] = shared
+            shared = existing if existing is not None else plumb.draw_probe_batches(trainer, size, split)
+            self._probe_sets[(split, size)] = shared
             return shared
         if existing is None or existing is shared or _same_batches(existing, shared):
             return shared

@@ -111,6 +111,12 @@ class HessianSpectrumMonitor(Callback):
             ``hessian/preconditioned_lambda_max`` (certified ``_error``) with
             ``hessian/preconditioned_sharpness_ratio = η λ / τ``, ``τ = (2 + 2β₁)/(1 − β₁)`` Adam's
             stability threshold (1 = at the edge of stability). Not logged before Adam's first step.
+        split: ``"train"`` (default) or ``"val"``: the probe set (``probe=N``, required) is the first ``N``
+            examples of the first validation loader, its loss resolved as for training probes
+            (``loss_fn`` or ``training_step`` on the validation batch) in ``hessian_mode``, with the same
+            state protection; tags become ``<prefix>val/hessian/<quantity>`` (e.g.
+            ``val/hessian/lambda_max``), so a train and a val monitor sit side by side with one
+            ``prefix``. A fit without a validation loader at train start is refused (``ValueError``).
         prefix: prepended to every tag this callback writes (``"probe_a/"`` → ``probe_a/hessian/...``),
             so that two instances can run side by side; two instances of one area with the same
             prefix are refused (identical ones by Lightning when the Trainer is built, others at fit start).
@@ -143,6 +149,7 @@ class HessianSpectrumMonitor(Callback):
         max_basis: int | None = None,
         checkpoint_warm_vectors: WarmFormat = "full",
         preconditioned: bool = True,
+        split: Literal["train", "val"] = "train",
         prefix: str = "",
     ) -> None:
         name = type(self).__name__
@@ -185,6 +192,11 @@ class HessianSpectrumMonitor(Callback):
         self.checkpoint_warm_vectors = V.check_choice(name, "checkpoint_warm_vectors", checkpoint_warm_vectors, ("full", "half", "none"))
         self.preconditioned = V.check_bool(name, "preconditioned", preconditioned)
         self._precond_warm: torch.Tensor | None = None
+        self.split = V.check_choice(name, "split", split, ("train", "val"))
+        if self.split == "val" and self.probe == "batch":
+            raise ValueError(f"{name}: split='val' needs a fixed probe of N validation examples (probe=N); "
+                             "probe='batch' is the training batch of the step")
+        self.tag_prefix = self.prefix + ("val/" if self.split == "val" else "")  #: what precedes ``hessian/`` in the tags
         self._warn = plumb.WarnOnce(type(self).__name__)
         self._probe_batches: list[Any] | None = None
         self._warm_vectors: torch.Tensor | None = None
@@ -196,7 +208,8 @@ class HessianSpectrumMonitor(Callback):
 
     @functools.cached_property  # Lightning reads it at every hook call; the settings it names are fixed
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, top_k=self.top_k, method=self.method, probe=self.probe, **plumb.prefix_key(self.prefix))
+        return self._generate_state_key(every_n_steps=self.every_n_steps, top_k=self.top_k, method=self.method, probe=self.probe, **plumb.prefix_key(self.prefix),
+                                       **({"split": self.split} if self.split != "train" else {}))
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -204,10 +217,14 @@ class HessianSpectrumMonitor(Callback):
         plumb.check_loss_resolvable(pl_module, self.loss_fn, type(self).__name__)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.split == "val" and trainer.val_dataloaders is None:
+            raise ValueError(f"{type(self).__name__}: split='val' draws its probe from the validation loader, but the fit has "
+                             "none at train start: pass val_dataloaders to fit (with a validation_step, limit_val_batches > 0 "
+                             "and validation in the first epoch) or use split='train'")
         engine = _engine.engine_for(trainer)
         engine.register(self)
         if isinstance(self.probe, int):
-            self._probe_batches = engine.probe_set(trainer, self.probe, self._probe_batches)
+            self._probe_batches = engine.probe_set(trainer, self.probe, self._probe_batches, split=self.split)
 
     @plumb.contain_failures("hessian")
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -220,7 +237,7 @@ class HessianSpectrumMonitor(Callback):
             metrics, density = outcome.get()
         except Exception as exc:  # any failure inside a diagnostic: skip, warn once per kind, count, go on
             self._warn(type(exc).__name__, f"Hessian estimate skipped at step {step} ({type(exc).__name__}: {exc})")
-            plumb.log_scalars(trainer, pl_module, {"hessian/skipped": self._warn.count}, step, prefix=self.prefix)
+            plumb.log_scalars(trainer, pl_module, {"hessian/skipped": self._warn.count}, step, prefix=self.tag_prefix)
             return
         lr = plumb.current_lr(trainer)
         if lr is not None and metrics.get("hessian/lambda_max") is not None:
@@ -228,9 +245,9 @@ class HessianSpectrumMonitor(Callback):
         if density is not None:
             from chaos_callbacks.plotting.hessian import spectral_density_figure
 
-            plumb.log_figure(trainer, f"{self.prefix}hessian/spectral_density", lambda: spectral_density_figure(density), step)
+            plumb.log_figure(trainer, f"{self.tag_prefix}hessian/spectral_density", lambda: spectral_density_figure(density), step)
         self.last_estimate = metrics
-        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=("hessian/lambda_max",), prefix=self.prefix)
+        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=("hessian/lambda_max",), prefix=self.tag_prefix)
 
     # ------------------------------------------------------------------ estimate
     def _curvature_due(self, trainer: Trainer, step: int) -> bool:
