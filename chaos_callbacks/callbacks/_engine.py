@@ -42,7 +42,8 @@ strictest tolerance and the largest budget of those it serves (:meth:`Shared.top
 publishes its values, certified bounds and Ritz vectors (:meth:`Shared.publish_top`); a consumer takes
 them with no product when the bound meets its own tolerance (:meth:`Shared.top`), else it solves on
 its own view. A producer that fails before publishing fails every consumer waiting for its solve.
-``‖Hg‖/‖g‖`` on the same parameters is computed once per group (:meth:`Shared.grad_curvature`).
+``‖Hg‖/‖g‖`` and ``gᵀHg/‖g‖²`` on the same parameters come from one product ``Hg`` per group
+(:meth:`Shared.grad_curvature`, :meth:`Shared.batch_sharpness`).
 
 **Products.** Every estimating callback logs ``<area>/hvps``: the Hessian-vector products its own
 computations took at that step (its view's counter). A shared product is counted once, by the
@@ -66,7 +67,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from chaos_callbacks.callbacks import _plumbing as plumb
-from chaos_callbacks.curvature import HessianOperator, gradient_weighted_curvature
+from chaos_callbacks.curvature import HessianOperator, gradient_curvatures
 from chaos_callbacks.curvature.hvp import HessianView
 
 
@@ -150,7 +151,7 @@ class _Channel:
         self.top: TopSolve | None = None
         self.top_view: HessianView | None = None
         self.failure: Exception | None = None
-        self.grad_curvature: tuple[float | None] | None = None
+        self.grad_curvature: tuple[float | None, float | None] | None = None
 
 
 class Shared:
@@ -200,10 +201,18 @@ class Shared:
 
     def grad_curvature(self) -> float | None:
         """``‖Hg‖/‖g‖`` of the probe gradient on these parameters, computed once per group."""
+        return self._gradient_curvatures()[0]
+
+    def batch_sharpness(self) -> float | None:
+        """``gᵀHg/‖g‖²`` of the probe gradient on these parameters, from the same product ``Hg`` as
+        :meth:`grad_curvature` (Andreyev & Beneventano, arXiv 2412.20553)."""
+        return self._gradient_curvatures()[1]
+
+    def _gradient_curvatures(self) -> tuple[float | None, float | None]:
         channel = self._channel
         if channel.grad_curvature is None:
-            channel.grad_curvature = (gradient_weighted_curvature(self.operator, self.operator.gradient),)
-        return channel.grad_curvature[0]
+            channel.grad_curvature = gradient_curvatures(self.operator, self.operator.gradient)
+        return channel.grad_curvature
 
 
 def _same_batches(a: Any, b: Any) -> bool:
@@ -225,7 +234,7 @@ class CurvatureEngine:
 
     def __init__(self) -> None:
         self._consumers: list[Any] = []
-        self._probe_sets: dict[int, list[Any]] = {}
+        self._probe_sets: dict[tuple[str, int], list[Any]] = {}
         self._step: int | None = None
         self._outcomes: dict[Any, Outcome] = {}
 
@@ -236,14 +245,15 @@ class CurvatureEngine:
         self._step = None
         self._outcomes.clear()
 
-    def probe_set(self, trainer: Trainer, size: int, existing: list[Any] | None) -> list[Any]:
-        """One fixed probe set of ``size`` examples per Trainer, so consumers with the same ``probe``
-        share its forward: ``existing`` (a consumer's restored set) if it is the first of its size or
-        equals the shared one, else drawn once with :func:`~chaos_callbacks.callbacks._plumbing.draw_probe_batches`."""
-        shared = self._probe_sets.get(size)
+    def probe_set(self, trainer: Trainer, size: int, existing: list[Any] | None, split: str = "train") -> list[Any]:
+        """One fixed probe set of ``size`` examples of ``split`` (``"train"`` or ``"val"``) per Trainer, so
+        consumers with the same ``probe`` and split share its forward: ``existing`` (a consumer's restored
+        set) if it is the first of its size and split or equals the shared one, else drawn once with
+        :func:`~chaos_callbacks.callbacks._plumbing.draw_probe_batches`."""
+        shared = self._probe_sets.get((split, size))
         if shared is None:
-            shared = existing if existing is not None else plumb.draw_probe_batches(trainer, size)
-            self._probe_sets[size] = shared
+            shared = existing if existing is not None else plumb.draw_probe_batches(trainer, size, split)
+            self._probe_sets[(split, size)] = shared
             return shared
         if existing is None or existing is shared or _same_batches(existing, shared):
             return shared

@@ -181,16 +181,19 @@ def _slice_batch(batch: Any, n: int) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t[:n] if t.ndim else t)
 
 
-def draw_probe_batches(trainer: Trainer, num_examples: int) -> list[Any]:
-    """The first ``num_examples`` training examples, as the loader batches them, on the CPU.
+def draw_probe_batches(trainer: Trainer, num_examples: int, split: str = "train") -> list[Any]:
+    """The first ``num_examples`` examples of the training (``split="train"``) or the first validation
+    (``split="val"``) loader, as the loader batches them, on the CPU.
 
-    Drawn from a fresh iterator of ``trainer.train_dataloader`` under an isolated RNG, so the
-    training run's shuffling and augmentation streams are untouched. Under DDP each rank draws
-    from its own shard.
+    Drawn from a fresh iterator of ``trainer.train_dataloader`` (``trainer.val_dataloaders``) under an
+    isolated RNG, so the training run's shuffling and augmentation streams are untouched. Under DDP
+    each rank draws from its own shard.
     """
-    loader = trainer.train_dataloader
+    loader = trainer.train_dataloader if split == "train" else trainer.val_dataloaders
     if loader is None:
-        raise ValueError("the trainer has no train dataloader to draw a probe set from")
+        raise ValueError(f"the trainer has no {'train' if split == 'train' else 'validation'} dataloader to draw a probe set from")
+    if isinstance(loader, dict):
+        loader = list(loader.values())
     loaders = loader if isinstance(loader, (list, tuple)) else [loader]
     batches: list[Any] = []
     remaining = num_examples
@@ -443,7 +446,7 @@ def contain_failures(area: str, warn: str = "_warn") -> Callable[[Callable[..., 
                 counter(f"error:{type(exc).__name__}", f"{hook.__name__} failed at step {trainer.global_step} with {type(exc).__name__}: {exc}")
                 try:
                     log_scalars(trainer, pl_module, {f"{area}/skipped": counter.count}, trainer.global_step,
-                                prefix=getattr(self, "prefix", ""))
+                                prefix=tag_prefix(self))
                 except Exception:  # logging itself failed: the warning above is all we can do
                     pass
                 return None
@@ -458,14 +461,21 @@ def prefix_key(prefix: str) -> dict[str, str]:
     return {"prefix": prefix} if prefix else {}
 
 
+def tag_prefix(callback: Any) -> str:
+    """What precedes the area in a callback's tags: its ``prefix``, and ``val/`` for a monitor of the
+    validation split (its ``tag_prefix``): ``<prefix>[val/]<area>/<quantity>``."""
+    return getattr(callback, "tag_prefix", getattr(callback, "prefix", ""))
+
+
 def check_unique_tags(callback: Any, trainer: Trainer) -> None:
     """Refuse (``ValueError``, at fit start) a second callback writing the same tags: same ``AREA``
-    (``hessian``, ``lyapunov``, …) and same ``prefix``; tags are ``<prefix><area>/<quantity>``."""
+    (``hessian``, ``lyapunov``, …) and same :func:`tag_prefix`; tags are ``<prefix>[val/]<area>/<quantity>``."""
+    mine = tag_prefix(callback)
     for other in trainer.callbacks:
-        if other is not callback and getattr(other, "AREA", None) == callback.AREA and other.prefix == callback.prefix:
+        if other is not callback and getattr(other, "AREA", None) == callback.AREA and tag_prefix(other) == mine:
             raise ValueError(
                 f"{type(callback).__name__}: prefix={callback.prefix!r} is also the prefix of another "
-                f"{type(other).__name__} in Trainer(callbacks=...); both would write the same '{callback.prefix}{callback.AREA}/...' "
+                f"{type(other).__name__} in Trainer(callbacks=...); both would write the same '{mine}{callback.AREA}/...' "
                 "tags. Give each instance its own prefix, e.g. prefix='probe_a/' and prefix='probe_b/'"
             )
 

@@ -19,17 +19,18 @@ from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks import _validation as V
 from chaos_callbacks.curvature import NoTrainableParametersError, gradient_weighted_curvature, lanczos
 from chaos_callbacks.curvature.lr_rules import (
-    adam_preconditioner,
+    adam_started,
     adam_threshold,
     clamp_lr,
-    coordinate_scaling,
     curvature_problem,
     drift_adjusted_lr,
     edge_of_stability_lr,
     ema,
     quasi_newton_lr,
+    is_adam,
     scaled_operator,
     sgd_threshold,
+    step_scaling,
 )
 
 Mode = Literal["quasi_newton", "edge_of_stability", "dal"]
@@ -323,7 +324,7 @@ class CurvatureLRScheduler(Callback):
         """Estimates run at multiples of ``every_n_steps``, once per optimizer step; Adam's preconditioner
         exists only after its first step, so until then there is nothing to estimate."""
         optimizer = trainer.optimizers[0]
-        adam_unstarted = isinstance(optimizer, (Adam, AdamW)) and len(optimizer.state) == 0
+        adam_unstarted = is_adam(optimizer) and not adam_started(optimizer)
         return step != self._last_step and step % self.every_n_steps == 0 and not adam_unstarted
 
     def _curvature_request(self, trainer: Trainer, pl_module: LightningModule) -> _engine.Request:
@@ -342,28 +343,10 @@ class CurvatureLRScheduler(Callback):
 
     def _coordinates(self, optimizer: Optimizer) -> tuple[list[Tensor], Tensor | None]:
         """The optimizer's trainable parameters and the scaling ``S`` of its step (``None``: identity)."""
-        params, ratios, preconditioners = [], [], []
-        for group, ratio in zip(optimizer.param_groups, self._ratios):
-            for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                r, P = ratio, None
-                if isinstance(optimizer, (Adam, AdamW)):
-                    state = optimizer.state.get(p, {})
-                    key = "max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"
-                    if key in state:
-                        beta1, beta2 = group["betas"]
-                        P = adam_preconditioner(state[key], int(state["step"]), beta1, beta2, group["eps"])
-                    else:  # Adam has not moved this parameter yet
-                        r = 0.0
-                params.append(p)
-                ratios.append(r)
-                preconditioners.append(P)
+        params, scale = step_scaling(optimizer, self._ratios)
         if not params:
             raise NoTrainableParametersError("the optimizer has no parameters with requires_grad=True")
-        if all(r == 1.0 for r in ratios) and all(P is None for P in preconditioners):
-            return params, None
-        return params, coordinate_scaling(params, ratios, preconditioners)
+        return params, scale
 
     def _estimate(self, shared: _engine.Shared, scale: Tensor | None) -> float | None:
         """The curvature on the step's shared operator (inside ``no_harm``), in the coordinates ``θ = S θ'``."""

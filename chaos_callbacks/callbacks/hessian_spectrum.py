@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from chaos_callbacks.callbacks import _engine
+from chaos_callbacks.callbacks import _hessian_preconditioned as precond
 from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks import _validation as V
 from chaos_callbacks.curvature import (
@@ -44,8 +45,9 @@ class HessianSpectrumMonitor(Callback):
 
     optionally the trace (Hutchinson, deflated by the Ritz pairs) and the spectral density
     (stochastic Lanczos quadrature, Ghorbani et al. 2019), and always the gradient-weighted
-    curvature ``‖Hg‖/‖g‖`` (Rosca et al. 2023) and ``lr · λ_max`` (2 is the edge of stability,
-    Cohen et al. 2021).
+    curvature ``‖Hg‖/‖g‖`` (Rosca et al. 2023), the batch sharpness ``gᵀHg/‖g‖²`` (Andreyev &
+    Beneventano, arXiv 2412.20553: what mini-batch SGD holds at ``2/η``; both from one product ``Hg``
+    on the probe gradient ``g``) and ``lr · λ_max`` (2 is the edge of stability, Cohen et al. 2021).
 
     Args:
         every_n_steps: cadence in optimizer steps (an estimate runs when ``global_step`` is a
@@ -102,6 +104,19 @@ class HessianSpectrumMonitor(Callback):
             ``"eval"``.
         warm_start: start each Lanczos run from the previous Ritz vectors.
         seed: seed of the random start vectors and probes (same on every rank).
+        preconditioned: when the (first) optimizer is Adam/AdamW, also estimate its preconditioned
+            sharpness ``λ_max(P^{-1/2} H P^{-1/2})`` (Cohen et al., arXiv 2207.14484; ``P =
+            (1 − β₁^{t+1}) diag(sqrt(v̂) + ε)``, the scheduler's preconditioner, groups with a lower rate
+            scaled by ``η_i/η``) by its own warm-started Lanczos to ``tol`` within ``max_hvps``, logged as
+            ``hessian/preconditioned_lambda_max`` (certified ``_error``) with
+            ``hessian/preconditioned_sharpness_ratio = η λ / τ``, ``τ = (2 + 2β₁)/(1 − β₁)`` Adam's
+            stability threshold (1 = at the edge of stability). Not logged before Adam's first step.
+        split: ``"train"`` (default) or ``"val"``: the probe set (``probe=N``, required) is the first ``N``
+            examples of the first validation loader, its loss resolved as for training probes
+            (``loss_fn`` or ``training_step`` on the validation batch) in ``hessian_mode``, with the same
+            state protection; tags become ``<prefix>val/hessian/<quantity>`` (e.g.
+            ``val/hessian/lambda_max``), so a train and a val monitor sit side by side with one
+            ``prefix``. A fit without a validation loader at train start is refused (``ValueError``).
         prefix: prepended to every tag this callback writes (``"probe_a/"`` → ``probe_a/hessian/...``),
             so that two instances can run side by side; two instances of one area with the same
             prefix are refused (identical ones by Lightning when the Trainer is built, others at fit start).
@@ -133,6 +148,8 @@ class HessianSpectrumMonitor(Callback):
         lambda_min_max_hvps: int = 150,
         max_basis: int | None = None,
         checkpoint_warm_vectors: WarmFormat = "full",
+        preconditioned: bool = True,
+        split: Literal["train", "val"] = "train",
         prefix: str = "",
     ) -> None:
         name = type(self).__name__
@@ -173,6 +190,13 @@ class HessianSpectrumMonitor(Callback):
         self.lambda_min_max_hvps = V.check_int(name, "lambda_min_max_hvps", lambda_min_max_hvps, minimum=1)
         self.max_basis = V.check_int(name, "max_basis", max_basis, minimum=2 * (self.top_k + 2), allow_none=True)
         self.checkpoint_warm_vectors = V.check_choice(name, "checkpoint_warm_vectors", checkpoint_warm_vectors, ("full", "half", "none"))
+        self.preconditioned = V.check_bool(name, "preconditioned", preconditioned)
+        self._precond_warm: torch.Tensor | None = None
+        self.split = V.check_choice(name, "split", split, ("train", "val"))
+        if self.split == "val" and self.probe == "batch":
+            raise ValueError(f"{name}: split='val' needs a fixed probe of N validation examples (probe=N); "
+                             "probe='batch' is the training batch of the step")
+        self.tag_prefix = self.prefix + ("val/" if self.split == "val" else "")  #: what precedes ``hessian/`` in the tags
         self._warn = plumb.WarnOnce(type(self).__name__)
         self._probe_batches: list[Any] | None = None
         self._warm_vectors: torch.Tensor | None = None
@@ -184,7 +208,8 @@ class HessianSpectrumMonitor(Callback):
 
     @functools.cached_property  # Lightning reads it at every hook call; the settings it names are fixed
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, top_k=self.top_k, method=self.method, probe=self.probe, **plumb.prefix_key(self.prefix))
+        return self._generate_state_key(every_n_steps=self.every_n_steps, top_k=self.top_k, method=self.method, probe=self.probe, **plumb.prefix_key(self.prefix),
+                                       **({"split": self.split} if self.split != "train" else {}))
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -192,10 +217,14 @@ class HessianSpectrumMonitor(Callback):
         plumb.check_loss_resolvable(pl_module, self.loss_fn, type(self).__name__)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.split == "val" and trainer.val_dataloaders is None:
+            raise ValueError(f"{type(self).__name__}: split='val' draws its probe from the validation loader, but the fit has "
+                             "none at train start: pass val_dataloaders to fit (with a validation_step, limit_val_batches > 0 "
+                             "and validation in the first epoch) or use split='train'")
         engine = _engine.engine_for(trainer)
         engine.register(self)
         if isinstance(self.probe, int):
-            self._probe_batches = engine.probe_set(trainer, self.probe, self._probe_batches)
+            self._probe_batches = engine.probe_set(trainer, self.probe, self._probe_batches, split=self.split)
 
     @plumb.contain_failures("hessian")
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -208,7 +237,7 @@ class HessianSpectrumMonitor(Callback):
             metrics, density = outcome.get()
         except Exception as exc:  # any failure inside a diagnostic: skip, warn once per kind, count, go on
             self._warn(type(exc).__name__, f"Hessian estimate skipped at step {step} ({type(exc).__name__}: {exc})")
-            plumb.log_scalars(trainer, pl_module, {"hessian/skipped": self._warn.count}, step, prefix=self.prefix)
+            plumb.log_scalars(trainer, pl_module, {"hessian/skipped": self._warn.count}, step, prefix=self.tag_prefix)
             return
         lr = plumb.current_lr(trainer)
         if lr is not None and metrics.get("hessian/lambda_max") is not None:
@@ -216,9 +245,9 @@ class HessianSpectrumMonitor(Callback):
         if density is not None:
             from chaos_callbacks.plotting.hessian import spectral_density_figure
 
-            plumb.log_figure(trainer, f"{self.prefix}hessian/spectral_density", lambda: spectral_density_figure(density), step)
+            plumb.log_figure(trainer, f"{self.tag_prefix}hessian/spectral_density", lambda: spectral_density_figure(density), step)
         self.last_estimate = metrics
-        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=("hessian/lambda_max",), prefix=self.prefix)
+        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=("hessian/lambda_max",), prefix=self.tag_prefix)
 
     # ------------------------------------------------------------------ estimate
     def _curvature_due(self, trainer: Trainer, step: int) -> bool:
@@ -242,7 +271,8 @@ class HessianSpectrumMonitor(Callback):
 
         ``hessian/hvps`` is the products this estimate took: its eigen-solve — run at the strictest
         tolerance and largest budget of the consumers that reuse it, who then take none — the trace,
-        the density and ``‖Hg‖/‖g‖`` (unless another consumer of the operator computed it first).
+        the density and the product ``Hg`` of ``‖Hg‖/‖g‖`` and the batch sharpness (unless another
+        consumer of the operator computed it first).
         """
         self._estimate_step = trainer.global_step  # the engine may run this before the monitor's own hook
         generator = torch.Generator().manual_seed(self.seed + self._num_estimates)
@@ -273,6 +303,9 @@ class HessianSpectrumMonitor(Callback):
         if self.density and trainer.global_step % self.density_every_n_steps == 0:
             density = spectral_density(op, op.dim, num_probes=self.density_probes, steps=self.density_steps, **kw)
         metrics["hessian/grad_curvature"] = shared.grad_curvature()
+        metrics["hessian/batch_sharpness"] = shared.batch_sharpness()
+        if self.preconditioned and trainer.optimizers:
+            self._preconditioned(trainer.optimizers[0], op, metrics, kw)
         metrics["hessian/hvps"] = float(op.num_matvecs)
         if not plumb.is_finite(*[v for v in metrics.values() if v is not None]):
             raise plumb.EstimateSkipped(f"non-finite estimate {metrics}")
@@ -355,6 +388,7 @@ class HessianSpectrumMonitor(Callback):
             "last_step": self._last_step,
             "num_estimates": self._num_estimates,
             "skipped": self._warn.count,
+            "preconditioned_warm": _pack_warm(self._precond_warm, self.checkpoint_warm_vectors),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -364,6 +398,34 @@ class HessianSpectrumMonitor(Callback):
         self._last_step = state_dict["last_step"]
         self._num_estimates = state_dict["num_estimates"]
         self._warn.count = state_dict["skipped"]
+        self._precond_warm = _unpack_warm(state_dict.get("preconditioned_warm"))
+
+    # ------------------------------------------------------------------ extras (issue 16)
+    def _preconditioned(self, optimizer: Any, op: Any, metrics: dict[str, float], kw: dict[str, Any]) -> None:
+        """Adam's preconditioned sharpness into ``metrics`` (nothing for other optimizers or before
+        Adam's first step; an uncertified solve is warned and counted, the other quantities stay)."""
+        if not precond.is_adam(optimizer):
+            return
+        init, self._precond_warm = (self._precond_warm if self.warm_start else None), None
+        try:
+            top = precond.preconditioned_top(op, op.dim, op.params, optimizer, tol=self.tol, max_matvecs=self.max_hvps,
+                                             init=init, **kw)
+        except RuntimeError as exc:
+            self._warn("preconditioned", f"{exc}: hessian/preconditioned_lambda_max not logged (the other quantities are)")
+            return
+        if top is None:
+            return
+        self._precond_warm = top.vectors
+        metrics["hessian/preconditioned_lambda_max"] = top.value
+        metrics["hessian/preconditioned_lambda_max_error"] = top.error
+        if top.ratio is None:
+            if "preconditioned_ratio" not in self._warn.seen:  # once, not counted as a skip
+                self._warn.seen.add("preconditioned_ratio")
+                rank_zero_warn(f"{type(self).__name__}: the parameter groups of Adam have different beta1, so there is no "
+                               "single stability threshold: hessian/preconditioned_sharpness_ratio is not logged")
+            return
+        metrics["hessian/preconditioned_sharpness_ratio"] = top.ratio
+        metrics["hessian/preconditioned_sharpness_ratio_error"] = top.ratio_error
 
 
 def _pack_warm(vectors: torch.Tensor | None, fmt: str) -> torch.Tensor | dict[str, Any] | None:

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from chaos_callbacks.callbacks._plumbing import Logged, WarnOnce, logged_values, tensorboard_loggers
+from chaos_callbacks.callbacks._plumbing import Logged, WarnOnce, logged_values, tag_prefix, tensorboard_loggers
 
 #: One TensorBoard "Custom Scalars" category per instrument. TensorBoard colours the lines of a
 #: custom-scalars chart by *run*, not by tag, so all tags of one run share a colour: each chart holds
@@ -29,6 +29,9 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
         "lr x lambda_max (2 = edge of stability)": ["Multiline", [r"hessian/sharpness_lr$"]],
         "trace": ["Multiline", [r"hessian/trace$"]],
         "gradient-weighted curvature |Hg|/|g|": ["Multiline", [r"hessian/grad_curvature$"]],
+        "batch sharpness g'Hg/|g|^2 (SGD holds it at 2/lr)": ["Multiline", [r"hessian/batch_sharpness$"]],
+        "Adam: preconditioned lambda_max": ["Multiline", [r"hessian/preconditioned_lambda_max$"]],
+        "Adam: lr x preconditioned lambda_max / threshold (1 = edge of stability)": ["Multiline", [r"hessian/preconditioned_sharpness_ratio$"]],
     },
     "lyapunov": {
         "maximal exponent (ln per step)": ["Multiline", [r"lyapunov/mle$"]],
@@ -66,6 +69,8 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
 OPT_IN_CHARTS: dict[tuple[str, str], Any] = {
     ("hessian", r"hessian/lambda_min$"): lambda cb: getattr(cb, "lambda_min", True),
     ("hessian", r"hessian/trace$"): lambda cb: getattr(cb, "trace", True),
+    ("hessian", r"hessian/preconditioned_lambda_max$"): lambda cb: getattr(cb, "preconditioned", True),
+    ("hessian", r"hessian/preconditioned_sharpness_ratio$"): lambda cb: getattr(cb, "preconditioned", True),
     ("lyapunov", r"lyapunov/local_exponent$"): lambda cb: getattr(cb, "mode", "twin") == "twin" and getattr(cb, "renormalize_every", None) is None,
     ("lyapunov", r"lyapunov/ftle$"): lambda cb: getattr(cb, "renormalize_every", 1) is not None,
     ("grad_tail", r"grad_tail/.+/alpha$"): lambda cb: getattr(cb, "per_layer", True),
@@ -73,8 +78,8 @@ OPT_IN_CHARTS: dict[tuple[str, str], Any] = {
 
 
 def custom_scalars_layout(callbacks: list[Callback]) -> dict[str, dict[str, list]]:
-    """The layout for the attached instruments: one category per instrument and ``prefix``
-    (``probe_a/hessian``), its patterns anchored at the prefix so that two instances never share a
+    """The layout for the attached instruments: one category per instrument and tag prefix
+    (``probe_a/hessian``, ``val/hessian`` for a validation-split monitor), its patterns anchored at the prefix so that two instances never share a
     chart, and opt-in charts (``OPT_IN_CHARTS``) only when enabled. Without instruments: the full
     :data:`CUSTOM_SCALARS_LAYOUT`."""
     instruments = [cb for cb in callbacks if getattr(cb, "AREA", None) in CUSTOM_SCALARS_LAYOUT]
@@ -82,7 +87,7 @@ def custom_scalars_layout(callbacks: list[Callback]) -> dict[str, dict[str, list
         return CUSTOM_SCALARS_LAYOUT
     layout: dict[str, dict[str, list]] = {}
     for cb in instruments:
-        prefix = getattr(cb, "prefix", "")
+        prefix = tag_prefix(cb)
         charts = {}
         for title, (kind, patterns) in CUSTOM_SCALARS_LAYOUT[cb.AREA].items():
             if all(OPT_IN_CHARTS.get((cb.AREA, p), lambda _: True)(cb) for p in patterns):
@@ -107,10 +112,10 @@ HEADLINES: tuple[str, ...] = (
 )
 
 #: Quantities (last part of a tag) measured without estimation error: counters, the rate in use,
-#: distances and losses of two actual runs, one exact product (README, "What each chart means").
+#: distances and losses of two actual runs, exact products (README, "What each chart means").
 EXACT_QUANTITIES = frozenset({
     "hvps", "skipped", "reseeds", "distance", "log_distance", "twin_loss", "function_distance",
-    "grad_curvature", "lr", "temperature", "saturated",
+    "grad_curvature", "lr", "temperature", "saturated", "batch_sharpness",
 })
 #: Statistics without a standard error of their own (p-values of tests).
 STATISTICS = frozenset({"vuong_p", "vuong_p_student_t", "crossover_pvalue"})
@@ -238,8 +243,8 @@ def _finite_weights(module: LightningModule) -> bool:
 
 
 def _area_keys(trainer: Trainer) -> dict[str, Callback]:
-    """``<prefix><area>`` → the instrument writing those tags."""
-    return {getattr(cb, "prefix", "") + cb.AREA: cb for cb in trainer.callbacks if isinstance(getattr(cb, "AREA", None), str)}
+    """``<prefix>[val/]<area>`` → the instrument writing those tags."""
+    return {tag_prefix(cb) + cb.AREA: cb for cb in trainer.callbacks if isinstance(getattr(cb, "AREA", None), str)}
 
 
 def _area_of(tag: str, areas: dict[str, Any]) -> str | None:

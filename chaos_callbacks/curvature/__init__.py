@@ -2,6 +2,7 @@
 
 from chaos_callbacks.curvature.density import SpectralDensity, spectral_density
 from chaos_callbacks.curvature.drift import (
+    gradient_curvatures,
     gradient_weighted_curvature,
     principal_flow_coefficients,
     stability_regime,
@@ -20,6 +21,7 @@ __all__ = [
     "SpectralDensity",
     "TraceEstimate",
     "flatten",
+    "gradient_curvatures",
     "gradient_weighted_curvature",
     "hutchinson_trace",
     "lanczos",

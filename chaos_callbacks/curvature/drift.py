@@ -21,10 +21,22 @@ from chaos_callbacks.curvature.lanczos import MatVec
 
 def gradient_weighted_curvature(matvec: MatVec, gradient: Tensor, eps: float = 1e-12) -> float | None:
     """``‖H g‖ / ‖g‖``, or ``None`` when ``‖g‖ ≤ eps`` (undefined at a stationary point)."""
-    g_norm = float(gradient.double().norm())
+    return gradient_curvatures(matvec, gradient, eps)[0]
+
+
+def gradient_curvatures(matvec: MatVec, gradient: Tensor, eps: float = 1e-12) -> tuple[float | None, float | None]:
+    """``(‖H g‖ / ‖g‖, gᵀH g / ‖g‖²)`` from one product ``H g``; ``(None, None)`` when ``‖g‖ ≤ eps``.
+
+    The second is the *batch sharpness* of Andreyev & Beneventano (arXiv 2412.20553): the curvature
+    along the probe gradient, which mini-batch SGD drives to ``2/η`` where full-batch gradient descent
+    drives ``λ_max`` (its ``|·|`` is at most the first, by Cauchy–Schwarz).
+    """
+    g = gradient.double()
+    g_norm = float(g.norm())
     if g_norm <= eps:
-        return None
-    return float(matvec(gradient).double().norm()) / g_norm
+        return None, None
+    hg = matvec(gradient).double()
+    return float(hg.norm()) / g_norm, float(g @ hg) / g_norm**2
 
 
 def principal_flow_coefficients(eigenvalues: np.ndarray | Tensor, lr: float) -> np.ndarray:

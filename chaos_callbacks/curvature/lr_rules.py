@@ -32,6 +32,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from torch.optim import Adam, AdamW, Optimizer
+
 from chaos_callbacks.curvature.lanczos import MatVec
 
 
@@ -97,6 +99,51 @@ def coordinate_scaling(params: Sequence[Tensor], ratios: Sequence[float], precon
         s2 = torch.full(p.shape, float(r), dtype=torch.float64, device=p.device) if P is None else float(r) / P.double()
         parts.append(s2.sqrt().reshape(-1))
     return torch.cat(parts).to(params[0].dtype)
+
+
+def is_adam(optimizer: Optimizer) -> bool:
+    """``torch.optim.Adam`` or ``AdamW`` (whose step is preconditioned by :func:`adam_preconditioner`)."""
+    return isinstance(optimizer, (Adam, AdamW))
+
+
+def adam_started(optimizer: Optimizer) -> bool:
+    """Adam/AdamW has a second moment, i.e. a preconditioner (it has taken a step)."""
+    return is_adam(optimizer) and len(optimizer.state) > 0
+
+
+def step_scaling(optimizer: Optimizer, ratios: Sequence[float], params: Sequence[Tensor] | None = None) -> tuple[list[Tensor], Tensor | None]:
+    """The coordinates of the optimizer's next step ``θ ← θ − η S² g``: parameters and flat ``S``.
+
+    ``ratios[i]`` is the learning rate of parameter group ``i`` over ``η``; for Adam/AdamW each
+    parameter's ``S² = r / P`` with ``P`` from :func:`adam_preconditioner` (a parameter Adam has not
+    moved yet: ``S = 0``), otherwise ``S² = r``. ``params``: the coordinates (any order; a parameter
+    outside the optimizer gets ``S = 0``); default: the optimizer's trainable parameters in group
+    order. Returns ``(params, S)``, ``S = None`` when it is the identity (``S H S`` is then ``H``).
+    """
+    rules: dict[int, tuple[float, Tensor | None]] = {}
+    order: list[Tensor] = []
+    for group, ratio in zip(optimizer.param_groups, ratios):
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            r, P = ratio, None
+            if is_adam(optimizer):
+                state = optimizer.state.get(p, {})
+                key = "max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"
+                if key in state:
+                    beta1, beta2 = group["betas"]
+                    P = adam_preconditioner(state[key], int(state["step"]), beta1, beta2, group["eps"])
+                else:  # Adam has not moved this parameter yet
+                    r = 0.0
+            rules[id(p)] = (r, P)
+            order.append(p)
+    params = order if params is None else list(params)
+    if not params:
+        return params, None
+    ratios_, preconditioners = zip(*(rules.get(id(p), (0.0, None)) for p in params))
+    if all(r == 1.0 for r in ratios_) and all(P is None for P in preconditioners):
+        return params, None
+    return params, coordinate_scaling(params, ratios_, preconditioners)
 
 
 def scaled_operator(matvec: MatVec, scale: Tensor) -> MatVec:

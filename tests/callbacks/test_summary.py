@@ -241,7 +241,7 @@ def test_layout_charts_hold_one_quantity_each():
     mixes quantities (or units), and no companion joins a chart."""
     tags = [
         "hessian/lambda_max", "hessian/eig_1", "hessian/eig_2", "hessian/lambda_min", "hessian/sharpness_lr", "hessian/trace",
-        "hessian/grad_curvature", "lyapunov/mle", "lyapunov/ftle", "lyapunov/local_exponent", "lyapunov/log_distance",
+        "hessian/grad_curvature", "hessian/batch_sharpness", "hessian/preconditioned_lambda_max", "hessian/preconditioned_sharpness_ratio", "lyapunov/mle", "lyapunov/ftle", "lyapunov/local_exponent", "lyapunov/log_distance",
         "lyapunov/twin_loss", "curvature_lr/lr", "curvature_lr/lambda", "diffusion/exponent", "diffusion/exponent_short",
         "diffusion/exponent_long", "diffusion/crossover", "diffusion/hurst", "diffusion/fractal_dim", "diffusion/temperature",
         "grad_tail/alpha", "grad_tail/blocks.0/alpha", "grad_tail/llr_gauss", "grad_tail/llr_student_t", "grad_tail/vuong_p",
