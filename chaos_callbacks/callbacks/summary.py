@@ -29,6 +29,9 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
         "lr x lambda_max (2 = edge of stability)": ["Multiline", [r"hessian/sharpness_lr$"]],
         "trace": ["Multiline", [r"hessian/trace$"]],
         "gradient-weighted curvature |Hg|/|g|": ["Multiline", [r"hessian/grad_curvature$"]],
+        "lambda_max per block (hover for the block)": ["Multiline", [r"hessian/[^/]+/lambda_max$"]],
+        "lambda_min per block (opt-in)": ["Multiline", [r"hessian/[^/]+/lambda_min$"]],
+        "trace per block": ["Multiline", [r"hessian/[^/]+/trace$"]],
     },
     "lyapunov": {
         "maximal exponent (ln per step)": ["Multiline", [r"lyapunov/mle$"]],
@@ -66,6 +69,9 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
 OPT_IN_CHARTS: dict[tuple[str, str], Any] = {
     ("hessian", r"hessian/lambda_min$"): lambda cb: getattr(cb, "lambda_min", True),
     ("hessian", r"hessian/trace$"): lambda cb: getattr(cb, "trace", True),
+    ("hessian", r"hessian/[^/]+/lambda_max$"): lambda cb: bool(getattr(cb, "blocks", True)),
+    ("hessian", r"hessian/[^/]+/lambda_min$"): lambda cb: bool(getattr(cb, "blocks", True)) and getattr(cb, "lambda_min", True),
+    ("hessian", r"hessian/[^/]+/trace$"): lambda cb: bool(getattr(cb, "blocks", True)) and getattr(cb, "trace", True),
     ("lyapunov", r"lyapunov/local_exponent$"): lambda cb: getattr(cb, "mode", "twin") == "twin" and getattr(cb, "renormalize_every", None) is None,
     ("lyapunov", r"lyapunov/ftle$"): lambda cb: getattr(cb, "renormalize_every", 1) is not None,
     ("grad_tail", r"grad_tail/.+/alpha$"): lambda cb: getattr(cb, "per_layer", True),
