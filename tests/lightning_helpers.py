@@ -138,7 +138,7 @@ class Recorder(Callback):
         self.rng.append(torch.get_rng_state())
 
 
-AREAS = frozenset({"hessian", "lyapunov", "curvature_lr", "diffusion", "grad_tail"})
+AREAS = frozenset({"hessian", "ggn", "lyapunov", "curvature_lr", "diffusion", "grad_tail"})
 
 
 def ours(tag: str) -> bool:

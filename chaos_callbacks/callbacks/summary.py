@@ -101,6 +101,7 @@ def custom_scalars_layout(callbacks: list[Callback]) -> dict[str, dict[str, list
 HEADLINES: tuple[str, ...] = (
     "hessian/lambda_max",
     "hessian/sharpness_lr",
+    "ggn/lambda_max",
     "lyapunov/mle",
     "lyapunov/local_exponent",
     "curvature_lr/lr",
@@ -276,7 +277,7 @@ def _companion(tag: str, ledger: dict[str, Logged]) -> tuple[float | None, str]:
         other = ledger.get(tag + suffix)
         if other is not None and other.step == entry.step:
             return other.value, suffix[1:]
-    if tag.endswith("hessian/sharpness_lr"):
+    if tag.endswith(("hessian/sharpness_lr", "ggn/sharpness_lr")):
         base = tag[: -len("sharpness_lr")]
         lam, err = ledger.get(base + "lambda_max"), ledger.get(base + "lambda_max_error")
         if lam is not None and err is not None and lam.step == err.step == entry.step and lam.value != 0:
@@ -361,3 +362,16 @@ def _logger_lines(trainer: Trainer) -> list[str]:
             lines.append(f"  {name}: no local folder (see the service it writes to)")
     return lines
 
+
+def _gauss_newton_area() -> None:
+    """A ``HessianSpectrumMonitor(curvature="ggn")`` writes the ``hessian`` quantities of the Gauss–Newton
+    matrix under ``ggn/``: its category has the same charts, opt-in on the same settings."""
+    rename = lambda pattern: pattern.replace("hessian/", "ggn/", 1)  # noqa: E731
+    CUSTOM_SCALARS_LAYOUT["ggn"] = {
+        title.replace("Hessian", "Gauss-Newton"): [kind, [rename(p) for p in patterns]]
+        for title, (kind, patterns) in CUSTOM_SCALARS_LAYOUT["hessian"].items()
+    }
+    OPT_IN_CHARTS.update({("ggn", rename(p)): enabled for (area, p), enabled in list(OPT_IN_CHARTS.items()) if area == "hessian"})
+
+
+_gauss_newton_area()

@@ -3,11 +3,9 @@
 import pytest
 import torch
 from torch import nn
-from torch.autograd.functional import hessian, jacobian
-from torch.func import functional_call
 
 from chaos_callbacks.curvature import GGNOperator, HessianOperator, lanczos
-from tests.helpers import tanh_mlp
+from tests.helpers import dense_ggn, tanh_mlp
 
 
 def _losses():
@@ -22,23 +20,6 @@ def _data(kind: str, n: int, seed: int, in_dim: int = 6, out_dim: int = 3):
     x = torch.randn(n, in_dim, generator=g, dtype=torch.float64)
     y = torch.randn(n, out_dim, generator=g, dtype=torch.float64) if kind == "mse" else torch.randint(0, out_dim, (n,), generator=g)
     return x, y
-
-
-def dense_ggn(model: nn.Module, x, y, loss) -> torch.Tensor:
-    """``Jᵀ H_out J`` of ``loss(model(x), y)``, J from ``jacobian`` of the flat parameters, H_out from ``hessian``."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    shapes = [params[n].shape for n in names]
-    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
-
-    def outputs(theta):
-        chunks = torch.split(theta, [s.numel() for s in shapes])
-        return functional_call(model, {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}, (x,))
-
-    z = outputs(flat).detach()
-    J = jacobian(outputs, flat).reshape(z.numel(), -1)
-    H_out = hessian(lambda zz: loss(zz.view_as(z), y), z.reshape(-1))
-    return J.T @ H_out @ J
 
 
 def ggn_closure(model, loss, x, y):
