@@ -224,3 +224,28 @@ def _fn(module, batch):
 def test_invalid_gauss_newton_arguments(kwargs):
     with pytest.raises(ValueError, match="HessianSpectrumMonitor: (curvature|output_fn|output_loss_fn|pass either)"):
         HessianSpectrumMonitor(**kwargs)
+
+
+def ddp_scenario(devices: int):
+    """32 examples: 2 ranks × 16 or 1 process × 32 — the same global batch; GGN with a block."""
+    pl.seed_everything(0, verbose=False)
+    monitor = HessianSpectrumMonitor(every_n_steps=1, top_k=2, trace=True, tol=1e-6, max_hvps=200, curvature="ggn",
+                                     blocks={"output": r"^net\.2\."})
+
+    def collect(trainer, model, callbacks):
+        return callbacks[0].last_estimate
+
+    loader32 = double_loader(0, n=32)
+    dl = torch.utils.data.DataLoader(loader32.dataset, batch_size=32 // devices, shuffle=False)
+    return TinyNet().double(), dl, [monitor], collect, dict(max_steps=1, max_epochs=None)
+
+
+@pytest.mark.ddp
+def test_ddp_two_shards_equal_single_process_on_union(tmp_path):
+    from tests.lightning_helpers import run_ddp
+
+    ranks = run_ddp("tests.callbacks.test_ggn_monitor:ddp_scenario", tmp_path / "ddp", devices=2)
+    (single,) = run_ddp("tests.callbacks.test_ggn_monitor:ddp_scenario", tmp_path / "single", devices=1)
+    assert ranks[0] == ranks[1]
+    for key in ("ggn/lambda_max", "ggn/eig_2", "ggn/grad_curvature", "ggn/trace", "ggn/output/lambda_max", "ggn/output/eig_2"):
+        assert ranks[0][key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
