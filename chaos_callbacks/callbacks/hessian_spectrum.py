@@ -133,7 +133,7 @@ class HessianSpectrumMonitor(Callback):
             prefix are refused (identical ones by Lightning when the Trainer is built, others at fit start).
     """
 
-    AREA = "hessian"  #: tags are ``<prefix>hessian/<quantity>``
+    AREA = "hessian"  #: tags are ``<prefix>hessian/<quantity>`` (an instance with ``curvature="ggn"``: ``ggn``)
 
     def __init__(
         self,
