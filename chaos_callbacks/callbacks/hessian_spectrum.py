@@ -229,8 +229,10 @@ class HessianSpectrumMonitor(Callback):
         plumb.check_unique_tags(self, trainer)
         loss_fn = self.loss_fn if self.split is None else self.split.output_fn  # an explicit split needs no training_step
         plumb.check_loss_resolvable(pl_module, loss_fn, type(self).__name__)
-        for block in self.blocks or {}:
-            self._block_params(pl_module, block)  # a pattern that matches nothing fails here
+        for block in self.blocks or {}:  # a pattern that matches nothing, or too few entries for top_k, fails here
+            size = sum(p.numel() for p in self._block_params(pl_module, block))
+            if size < self.top_k:
+                raise ValueError(f"{type(self).__name__}: blocks[{block!r}] matches {size} parameter entries, fewer than top_k={self.top_k}")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         engine = _engine.engine_for(trainer)

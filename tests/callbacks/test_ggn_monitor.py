@@ -132,14 +132,17 @@ def test_ggn_of_a_squared_error_mlp_with_an_explicit_split(seed):
         assert_certified(keep.seen[step], "ggn", exact.ggn[step], k=2)
 
 
-def test_an_undefined_default_split_is_skipped_with_the_remedy():
-    monitor = HessianSpectrumMonitor(every_n_steps=1, curvature="ggn")
+@pytest.mark.parametrize("calls", [0, 2])
+def test_an_undefined_default_split_is_skipped_with_the_remedy(calls):
+    """``forward`` twice in ``training_step``, or never in a ``loss_fn`` that calls the inner net."""
+    loss_fn = (lambda module, batch: mse(module.net(batch[0]), batch[1])) if calls == 0 else None
+    monitor = HessianSpectrumMonitor(every_n_steps=1, curvature="ggn", loss_fn=loss_fn)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t = trainer(callbacks=[monitor], max_steps=2, max_epochs=None)
-        t.fit(Regression(calls=2).double(), regression_loader(0))
+        t.fit(Regression(calls=max(calls, 1)).double(), regression_loader(0))
     ours = [str(w.message) for w in caught if "HessianSpectrumMonitor" in str(w.message)]
-    assert len(ours) == 1 and "forward ran 2 times" in ours[0] and "output_fn" in ours[0] and "Gauss-Newton" in ours[0]
+    assert len(ours) == 1 and f"forward ran {calls} times" in ours[0] and "output_fn" in ours[0] and "Gauss-Newton" in ours[0]
     assert float(t.callback_metrics["ggn/skipped"]) == 2 and "hessian/skipped" not in t.callback_metrics
 
 

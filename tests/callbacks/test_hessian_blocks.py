@@ -162,6 +162,9 @@ def test_a_pattern_matching_nothing_is_refused_at_fit_start():
     monitor = HessianSpectrumMonitor(blocks={"hidden": r"net\.0", "conv": r"^conv"})
     with pytest.raises(ValueError, match=r"HessianSpectrumMonitor: blocks\['conv'\] = '\^conv' matches no trainable"):
         trainer(callbacks=[monitor], max_steps=1, max_epochs=None).fit(TinyNet(), loader())
+    small = HessianSpectrumMonitor(top_k=4, blocks={"bias": r"net\.2\.bias"})  # 3 entries
+    with pytest.raises(ValueError, match=r"HessianSpectrumMonitor: blocks\['bias'\] matches 3 parameter entries, fewer than top_k=4"):
+        trainer(callbacks=[small], max_steps=1, max_epochs=None).fit(TinyNet(), loader())
 
 
 @pytest.mark.parametrize(
