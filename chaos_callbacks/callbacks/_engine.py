@@ -124,7 +124,7 @@ class Request:
         produces_top: ``compute`` publishes a top solve of ``H`` on ``params`` for others.
         curvature: ``"hessian"`` or ``"ggn"`` (``H`` is then the Gauss–Newton matrix ``Jᵀ H_out J``);
             requests of different kinds never share an operator or a solve.
-        split: for ``"ggn"``, where the loss is split into outputs and ``ℓ(outputs)``
+        output_split: for ``"ggn"``, where the loss is split into outputs and ``ℓ(outputs)``
             (:class:`~chaos_callbacks.callbacks._outputs.OutputSplit`; ``None``: the module's
             ``forward`` output, captured while the loss is computed).
     """
@@ -137,12 +137,12 @@ class Request:
     top: TopNeed | None = None
     produces_top: bool = False
     curvature: str = "hessian"
-    split: _outputs.OutputSplit | None = None
+    output_split: _outputs.OutputSplit | None = None
 
     def group_key(self) -> tuple[Any, ...]:
         """Requests with equal keys share one forward and one operator: same probe, loss, mode and curvature."""
         probe = "batch" if self.probe is None else id(self.probe)
-        split = None if self.split is None else (id(self.split.output_fn), id(self.split.output_loss_fn))
+        split = None if self.output_split is None else (id(self.output_split.output_fn), id(self.output_split.output_loss_fn))
         return probe, id(self.loss_fn), self.train_mode, self.curvature, split if self.curvature == "ggn" else None
 
 
@@ -371,8 +371,8 @@ def _operator(request: Request, params: list[Tensor], batches: list[Any], weight
     matrix split at the request's outputs."""
     reduce = plumb.mean_reducer(trainer)
     if request.curvature == "ggn":
-        split = [(lambda b=b: _outputs.outputs_and_loss(pl_module, b, request.loss_fn, batch_idx, request.split)) for b in batches]
-        return GGNOperator(params, split, weights, reduce=reduce)
+        split_closures = [(lambda b=b: _outputs.outputs_and_loss(pl_module, b, request.loss_fn, batch_idx, request.output_split)) for b in batches]
+        return GGNOperator(params, split_closures, weights, reduce=reduce)
     closures = [(lambda b=b: plumb.compute_loss(pl_module, b, request.loss_fn, batch_idx)) for b in batches]
     return HessianOperator(params, closures, weights, reduce=reduce)
 

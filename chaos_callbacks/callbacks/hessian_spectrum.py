@@ -206,7 +206,7 @@ class HessianSpectrumMonitor(Callback):
         self.blocks = _check_blocks(name, blocks)
         self.curvature = V.check_choice(name, "curvature", curvature, _engine.CURVATURES)
         self.AREA = self.curvature  #: this instance's area: ``hessian`` or ``ggn``
-        self.split = _check_split(name, self.curvature, self.loss_fn, output_fn, output_loss_fn)
+        self.output_split = _check_split(name, self.curvature, self.loss_fn, output_fn, output_loss_fn)
         self._blocks_warm: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._block_skips: list[tuple[str, str]] = []
         self._warn = plumb.WarnOnce(type(self).__name__)
@@ -227,7 +227,7 @@ class HessianSpectrumMonitor(Callback):
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         plumb.check_unique_tags(self, trainer)
-        loss_fn = self.loss_fn if self.split is None else self.split.output_fn  # an explicit split needs no training_step
+        loss_fn = self.loss_fn if self.output_split is None else self.output_split.output_fn  # an explicit split needs no training_step
         plumb.check_loss_resolvable(pl_module, loss_fn, type(self).__name__)
         for block in self.blocks or {}:  # a pattern that matches nothing, or too few entries for top_k, fails here
             size = sum(p.numel() for p in self._block_params(pl_module, block))
@@ -285,7 +285,7 @@ class HessianSpectrumMonitor(Callback):
             train_mode=self.hessian_mode == "train",
             produces_top=self.method in ("lanczos", "lyapunov"),
             curvature=self.curvature,
-            split=self.split,
+            output_split=self.output_split,
         )
 
     def _estimate(self, trainer: Trainer, shared: _engine.Shared) -> tuple[dict[str, float], Any]:
