@@ -70,3 +70,26 @@ def exact_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 def ce_closure(model: nn.Module, x: Tensor, y: Tensor):
     return lambda: nn.functional.cross_entropy(model(x), y)
+
+
+def dense_ggn(model: nn.Module, x: Tensor, y: Tensor, loss) -> Tensor:
+    """Dense float64 Gauss–Newton matrix ``Jᵀ H_out J`` of ``loss(model(x), y)`` over the trainable
+    parameters: ``J`` from ``torch.autograd.functional.jacobian`` of the flat parameters, ``H_out`` from
+    ``torch.autograd.functional.hessian`` of the loss in the outputs."""
+    from torch.autograd.functional import hessian as dense_hessian
+    from torch.autograd.functional import jacobian
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    flat = torch.cat([params[n].detach().double().reshape(-1) for n in names])
+    x = x.double()
+
+    def outputs(theta: Tensor) -> Tensor:
+        chunks = torch.split(theta, [s.numel() for s in shapes])
+        return functional_call(model, {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}, (x,))
+
+    z = outputs(flat).detach()
+    J = jacobian(outputs, flat).reshape(z.numel(), -1)
+    H_out = dense_hessian(lambda zz: loss(zz.view_as(z), y), z.reshape(-1))
+    return J.T @ H_out @ J

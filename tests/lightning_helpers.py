@@ -139,11 +139,13 @@ class Recorder(Callback):
 
 
 AREAS = frozenset({"hessian", "lyapunov", "curvature_lr", "diffusion", "grad_tail"})
+#: areas an instance takes from its settings: HessianSpectrumMonitor(curvature="ggn") writes ggn/...
+SETTING_AREAS = frozenset({"ggn"})
 
 
 def ours(tag: str) -> bool:
     """A tag a chaos_callbacks callback wrote: ``[<prefix>]<area>/<quantity>``."""
-    return bool(AREAS.intersection(tag.split("/")[:-1]))
+    return bool((AREAS | SETTING_AREAS).intersection(tag.split("/")[:-1]))
 
 
 def fit_snapshot(model_kwargs: dict[str, Any], callbacks: list[Callback], seed: int = 0, **trainer_kwargs: Any) -> dict[str, Any]:

@@ -15,17 +15,19 @@ hessian-eigenthings v1, which keep linear operators apart from the algorithms ru
 
 **One pass per step.** The first consumer due at a step calls :meth:`CurvatureEngine.estimate` from
 its ``on_train_batch_start``. The engine then asks *every* registered consumer whether it is due,
-groups the requests by forward — same probe batches, loss function and train/eval mode — and for
-each group
+groups the requests by forward and curvature — same probe batches, loss function, train/eval mode
+and curvature kind (``Request.curvature``: the Hessian, or the generalised Gauss–Newton matrix with
+its output split) — and for each group
 
 1. enters :func:`~chaos_callbacks.callbacks._plumbing.no_harm` (``second_order=True``) once,
    forwards every probe batch once and builds one first-order graph
-   (:class:`~chaos_callbacks.curvature.hvp.HessianOperator` over the union of the group's
-   parameters);
+   (:class:`~chaos_callbacks.curvature.hvp.HessianOperator`, or
+   :class:`~chaos_callbacks.curvature.ggn.GGNOperator`, over the union of the group's parameters);
 2. runs each consumer's computation on its own :class:`~chaos_callbacks.curvature.hvp.HessianView`
    of that graph (its own parameters in its own order, its own product counter), wrapped in its own
    operator if it needs another one (a scheduler's ``R^{1/2} H R^{1/2}``, Adam's
-   ``P^{-1/2} H P^{-1/2}``);
+   ``P^{-1/2} H P^{-1/2}``), and further views of the same graph if it asks (:meth:`Shared.view`: the
+   diagonal blocks of the monitor's ``blocks``);
 3. frees the graph and leaves ``no_harm`` (buffers, RNG streams and modes restored after the last
    autograd call of the step).
 
@@ -35,7 +37,8 @@ is kept across steps. The computations of all due consumers run at the first one
 listed between two consumers that changes the weights or the loss in its own
 ``on_train_batch_start`` is not seen by the later one.
 
-**Shared solves.** Consumers that need only the top of ``H`` itself on the same parameters
+**Shared solves.** Consumers that need only the top of ``H`` itself on the same parameters (and the
+same curvature kind: a Gauss–Newton consumer never reuses a Hessian solve, nor the reverse)
 (``Request.top``, e.g. the scheduler with SGD and one learning rate) reuse the certified solve of a
 producer in their group (``Request.produces_top``, the monitor's Lanczos): the producer solves at the
 strictest tolerance and the largest budget of those it serves (:meth:`Shared.top_need`) and
@@ -46,7 +49,7 @@ its own view. A producer that fails before publishing fails every consumer waiti
 (:meth:`Shared.grad_curvature`, :meth:`Shared.batch_sharpness`).
 
 **Products.** Every estimating callback logs ``<area>/hvps``: the Hessian-vector products its own
-computations took at that step (its view's counter). A shared product is counted once, by the
+computations took at that step (its views' counters). A shared product is counted once, by the
 callback that took it; a callback that reused a solve logs 0 for it.
 
 **DDP.** Consumers are asked, grouped and run in registration order (the order of
@@ -67,8 +70,12 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from chaos_callbacks.callbacks import _plumbing as plumb
-from chaos_callbacks.curvature import HessianOperator, gradient_curvatures
+from chaos_callbacks.callbacks import _outputs
+from chaos_callbacks.curvature import GGNOperator, HessianOperator, gradient_curvatures
 from chaos_callbacks.curvature.hvp import HessianView
+
+#: The curvature matrices a consumer can ask for: the Hessian, or the generalised Gauss–Newton matrix.
+CURVATURES = ("hessian", "ggn")
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,11 @@ class Request:
         train_mode: passed to ``no_harm`` (``True``: train mode, ``False``: eval, ``None``: as is).
         top: the top of ``H`` on ``params`` this consumer would take from another's solve.
         produces_top: ``compute`` publishes a top solve of ``H`` on ``params`` for others.
+        curvature: ``"hessian"`` or ``"ggn"`` (``H`` is then the Gauss–Newton matrix ``Jᵀ H_out J``);
+            requests of different kinds never share an operator or a solve.
+        output_split: for ``"ggn"``, where the loss is split into outputs and ``ℓ(outputs)``
+            (:class:`~chaos_callbacks.callbacks._outputs.OutputSplit`; ``None``: the module's
+            ``forward`` output, captured while the loss is computed).
     """
 
     compute: Callable[[Shared], Any]
@@ -125,6 +137,14 @@ class Request:
     train_mode: bool | None = True
     top: TopNeed | None = None
     produces_top: bool = False
+    curvature: str = "hessian"
+    output_split: _outputs.OutputSplit | None = None
+
+    def group_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys share one forward and one operator: same probe, loss, mode and curvature."""
+        probe = "batch" if self.probe is None else id(self.probe)
+        split = None if self.output_split is None else (id(self.output_split.output_fn), id(self.output_split.output_loss_fn))
+        return probe, id(self.loss_fn), self.train_mode, self.curvature, split if self.curvature == "ggn" else None
 
 
 @dataclass
@@ -161,6 +181,19 @@ class Shared:
         self.operator = operator
         self._channel = channel
         self._consumer = consumer
+        self._views: list[HessianView] = []
+
+    def view(self, params: Sequence[Tensor]) -> HessianView:
+        """Another view of the group's operator over some of this consumer's parameters (e.g. a diagonal
+        block ``H_SS``), on the same graph; its products count in this consumer's ``hvps``."""
+        view = self.operator.view(params)
+        self._views.append(view)
+        return view
+
+    @property
+    def num_matvecs(self) -> int:
+        """The products this consumer took, through its operator view and every further view."""
+        return self.operator.num_matvecs + sum(v.num_matvecs for v in self._views)
 
     def top_need(self) -> TopNeed | None:
         """For the producer: the strictest need of the consumers that will reuse its solve (``None``: none)."""
@@ -290,39 +323,37 @@ class CurvatureEngine:
             except Exception as exc:
                 self._outcomes[consumer] = Outcome(error=exc)
                 continue
-            key = ("batch" if request.probe is None else id(request.probe), id(request.loss_fn), request.train_mode)
-            groups.setdefault(key, []).append((consumer, request))
+            groups.setdefault(request.group_key(), []).append((consumer, request))
         for members in groups.values():
             self._run_group(members, trainer, pl_module, batch, batch_idx)
 
     def _run_group(self, members: list[tuple[Any, Request]], trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        """One forward and first-order graph for ``members`` (same probe, loss and mode); each computes on its view."""
+        """One forward and first-order graph for ``members`` (same group key); each computes on its view."""
         first = members[0][1]
         outcomes = {id(consumer): Outcome() for consumer, _ in members}
         for consumer, _ in members:
             self._outcomes[consumer] = outcomes[id(consumer)]
-        views: dict[int, HessianView] = {}
+        shared: dict[int, Shared] = {}
         try:
             batches = [batch] if first.probe is None else [plumb.to_device(trainer, b) for b in first.probe]
             sizes = [plumb.batch_size_of(b) for b in batches]
             union = list({id(p): p for _, r in members for p in r.params}.values())
-            closures = [(lambda b=b: plumb.compute_loss(pl_module, b, first.loss_fn, batch_idx)) for b in batches]
             with plumb.no_harm(pl_module, train_mode=first.train_mode, second_order=True):
-                op = HessianOperator(union, closures, [s / sum(sizes) for s in sizes], reduce=plumb.mean_reducer(trainer))
+                op = _operator(first, union, batches, [s / sum(sizes) for s in sizes], trainer, pl_module, batch_idx)
                 try:
                     channels = self._channels(members)
                     for consumer, request in sorted(members, key=lambda m: not m[1].produces_top):  # producers first
                         channel = channels[frozenset(id(p) for p in request.params)]
                         outcome = outcomes[id(consumer)]
                         try:
-                            view = views[id(consumer)] = op.view(request.params)
-                            outcome.result = request.compute(Shared(view, channel, consumer))
+                            mine = shared[id(consumer)] = Shared(op.view(request.params), channel, consumer)
+                            outcome.result = request.compute(mine)
                         except Exception as exc:  # this consumer's failure; the others go on
                             outcome.error = exc
                             if channel.producer is consumer and channel.top is None:
                                 channel.failure = exc
                         finally:
-                            outcome.hvps = views[id(consumer)].num_matvecs if id(consumer) in views else 0
+                            outcome.hvps = shared[id(consumer)].num_matvecs if id(consumer) in shared else 0
                 finally:
                     op.release()
         except Exception as exc:  # the probe, the forward or the graph failed: every member skips
@@ -342,6 +373,18 @@ class CurvatureEngine:
             if request.top is not None and channel.producer is not None and channel.producer is not consumer:
                 channel.need = request.top.strictest(channel.need)
         return channels
+
+
+def _operator(request: Request, params: list[Tensor], batches: list[Any], weights: list[float], trainer: Trainer,
+              pl_module: LightningModule, batch_idx: int) -> HessianOperator | GGNOperator:
+    """The group's operator (inside ``no_harm``): the Hessian of the probe loss, or its Gauss–Newton
+    matrix split at the request's outputs."""
+    reduce = plumb.mean_reducer(trainer)
+    if request.curvature == "ggn":
+        split_closures = [(lambda b=b: _outputs.outputs_and_loss(pl_module, b, request.loss_fn, batch_idx, request.output_split)) for b in batches]
+        return GGNOperator(params, split_closures, weights, reduce=reduce)
+    closures = [(lambda b=b: plumb.compute_loss(pl_module, b, request.loss_fn, batch_idx)) for b in batches]
+    return HessianOperator(params, closures, weights, reduce=reduce)
 
 
 _ENGINES: weakref.WeakKeyDictionary[Trainer, CurvatureEngine] = weakref.WeakKeyDictionary()

@@ -145,14 +145,15 @@ def check_loss_resolvable(pl_module: LightningModule, loss_fn: LossFn | None, ow
         )
 
 
-def compute_loss(pl_module: LightningModule, batch: Any, loss_fn: LossFn | None, batch_idx: int = 0) -> Tensor:
+def compute_loss(pl_module: LightningModule, batch: Any, loss_fn: LossFn | None, batch_idx: int = 0,
+                 module: LightningModule | None = None) -> Tensor:
     """The scalar training loss of ``batch``: ``loss_fn(module, batch)`` or the module's own ``training_step``.
 
-    Both run on a shadow of the module (:func:`user_module`): parameters and buffers are the
-    module's own, its other Python state is a copy, ``self.log`` is muted. Call inside
-    :func:`no_harm` (which restores buffers, metric states and RNG).
+    Both run on a shadow of the module (:func:`user_module`; ``module``: one the caller made, e.g. to
+    hook its ``forward``): parameters and buffers are the module's own, its other Python state is a
+    copy, ``self.log`` is muted. Call inside :func:`no_harm` (which restores buffers, metric states and RNG).
     """
-    module = user_module(pl_module)
+    module = user_module(pl_module) if module is None else module
     if loss_fn is not None:
         loss = loss_fn(module, batch)
     else:
@@ -427,12 +428,13 @@ class WarnOnce:
             rank_zero_warn(f"{self.owner}: {message} (skipped; later occurrences are counted, not warned)")
 
 
-def contain_failures(area: str, warn: str = "_warn") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def contain_failures(area: str | None, warn: str = "_warn") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a per-step callback hook so that no exception raised in it stops training.
 
     Any ``Exception`` (not ``KeyboardInterrupt``/``SystemExit``) is warned once per type with its
     message, counted by the callback's :class:`WarnOnce` (attribute ``warn``) and logged as
-    ``<area>/skipped``; the hook returns ``None``. Configuration errors belong in ``on_fit_start``/
+    ``<area>/skipped`` (``area=None``: the instance's ``AREA``, for a callback whose area depends on
+    its settings); the hook returns ``None``. Configuration errors belong in ``on_fit_start``/
     ``on_train_start``, which are not decorated, so they still fail the run before the first step.
     """
 
@@ -445,7 +447,8 @@ def contain_failures(area: str, warn: str = "_warn") -> Callable[[Callable[..., 
                 counter: WarnOnce = getattr(self, warn)
                 counter(f"error:{type(exc).__name__}", f"{hook.__name__} failed at step {trainer.global_step} with {type(exc).__name__}: {exc}")
                 try:
-                    log_scalars(trainer, pl_module, {f"{area}/skipped": counter.count}, trainer.global_step,
+                    where = self.AREA if area is None else area
+                    log_scalars(trainer, pl_module, {f"{where}/skipped": counter.count}, trainer.global_step,
                                 prefix=tag_prefix(self))
                 except Exception:  # logging itself failed: the warning above is all we can do
                     pass
@@ -469,7 +472,8 @@ def tag_prefix(callback: Any) -> str:
 
 def check_unique_tags(callback: Any, trainer: Trainer) -> None:
     """Refuse (``ValueError``, at fit start) a second callback writing the same tags: same ``AREA``
-    (``hessian``, ``lyapunov``, …) and same :func:`tag_prefix`; tags are ``<prefix>[val/]<area>/<quantity>``."""
+    (``hessian``, ``lyapunov``, …; an instance's own, e.g. ``ggn`` for a Gauss–Newton monitor) and same
+    :func:`tag_prefix`; tags are ``<prefix>[val/]<area>/<quantity>``."""
     mine = tag_prefix(callback)
     for other in trainer.callbacks:
         if other is not callback and getattr(other, "AREA", None) == callback.AREA and tag_prefix(other) == mine:

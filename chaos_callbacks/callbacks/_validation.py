@@ -121,3 +121,13 @@ def check_prefix(owner: str, name: str, value: Any) -> str:
     if not isinstance(value, str) or (value and not _PREFIX.fullmatch(value)):
         raise _fail(owner, name, "a string of letters, digits, '_.-' and single '/' not starting with '/' (e.g. 'probe_a/')", value)
     return value
+
+
+_TAG_PART = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def check_tag_part(owner: str, name: str, value: Any) -> str:
+    """One part of a tag (``<area>/<part>/<quantity>``): a non-empty string of letters, digits and ``_.-``, no ``/``."""
+    if not isinstance(value, str) or not _TAG_PART.fullmatch(value):
+        raise _fail(owner, name, "a non-empty name of letters, digits and '_.-' (no '/': it is one part of a tag)", value)
+    return value

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import re
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -11,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from chaos_callbacks.callbacks import _engine
 from chaos_callbacks.callbacks import _hessian_preconditioned as precond
+from chaos_callbacks.callbacks import _outputs
 from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks import _validation as V
 from chaos_callbacks.curvature import (
@@ -25,6 +29,7 @@ from chaos_callbacks.curvature.lanczos import rounding_floor
 
 Method = Literal["lanczos", "power", "lyapunov"]
 WarmFormat = Literal["full", "half", "none"]
+Curvature = Literal["hessian", "ggn"]
 
 
 class HessianSpectrumMonitor(Callback):
@@ -117,12 +122,33 @@ class HessianSpectrumMonitor(Callback):
             state protection; tags become ``<prefix>val/hessian/<quantity>`` (e.g.
             ``val/hessian/lambda_max``), so a train and a val monitor sit side by side with one
             ``prefix``. A fit without a validation loader at train start is refused (``ValueError``).
+        blocks: ``{name: regex}``: also estimate, for each name, the diagonal block ``H_SS`` of the
+            Hessian over the trainable parameters ``S`` whose names (``named_parameters()``) the regex
+            matches (``re.search``; the other parameters held fixed; a parameter may be in several
+            blocks), with the same solver, tolerance, certificates and warm starts (its own warm
+            vectors), on the same graph as the full estimate. Tags ``hessian/<name>/lambda_max``,
+            ``.../eig_<i>``, ``.../lambda_min``, ``.../trace`` as enabled above, and
+            ``hessian/<name>/hvps``; a block that is not certified skips only its own tags (warned once,
+            counted in ``hessian/skipped``). ``hessian/hvps`` counts the products of all of them. A
+            pattern that matches no trainable parameter is refused at fit start.
+        curvature: ``"hessian"`` (default) or ``"ggn"``: the generalised Gauss–Newton matrix
+            ``G = Jᵀ H_out J`` (Schraudolph 2002; Martens 2020), ``J`` the Jacobian of the outputs and
+            ``H_out`` the Hessian of the loss with respect to them — positive semi-definite when the loss
+            is convex in the outputs (then ``lambda_min`` is its smallest eigenvalue, ``≥ 0``). Every
+            tag of the instance moves under ``ggn/`` (``ggn/lambda_max``, ``ggn/<name>/trace``,
+            ``ggn/hvps``, ``ggn/skipped``, …), so a Hessian and a Gauss–Newton monitor can share a
+            ``prefix``. The split is at the output of the LightningModule's ``forward``, captured while
+            the loss is computed (it must run exactly once there, else the estimate is skipped), or
+            where ``output_fn``/``output_loss_fn`` say.
+        output_fn: ``output_fn(module, batch) -> outputs`` (a tensor); with ``output_loss_fn``, the
+            split of the loss for ``curvature="ggn"`` (the pair goes together and replaces ``loss_fn``).
+        output_loss_fn: ``output_loss_fn(outputs, batch) -> scalar loss``.
         prefix: prepended to every tag this callback writes (``"probe_a/"`` → ``probe_a/hessian/...``),
             so that two instances can run side by side; two instances of one area with the same
             prefix are refused (identical ones by Lightning when the Trainer is built, others at fit start).
     """
 
-    AREA = "hessian"  #: tags are ``<prefix>hessian/<quantity>``
+    AREA = "hessian"  #: tags are ``<prefix>hessian/<quantity>`` (an instance with ``curvature="ggn"``: ``ggn``)
 
     def __init__(
         self,
@@ -150,6 +176,10 @@ class HessianSpectrumMonitor(Callback):
         checkpoint_warm_vectors: WarmFormat = "full",
         preconditioned: bool = True,
         split: Literal["train", "val"] = "train",
+        blocks: dict[str, str] | None = None,
+        curvature: Curvature = "hessian",
+        output_fn: _outputs.OutputFn | None = None,
+        output_loss_fn: _outputs.OutputLossFn | None = None,
         prefix: str = "",
     ) -> None:
         name = type(self).__name__
@@ -197,6 +227,12 @@ class HessianSpectrumMonitor(Callback):
             raise ValueError(f"{name}: split='val' needs a fixed probe of N validation examples (probe=N); "
                              "probe='batch' is the training batch of the step")
         self.tag_prefix = self.prefix + ("val/" if self.split == "val" else "")  #: what precedes ``hessian/`` in the tags
+        self.blocks = _check_blocks(name, blocks)
+        self.curvature = V.check_choice(name, "curvature", curvature, _engine.CURVATURES)
+        self.AREA = self.curvature  #: this instance's area: ``hessian`` or ``ggn``
+        self.output_split = _check_split(name, self.curvature, self.loss_fn, output_fn, output_loss_fn)
+        self._blocks_warm: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._block_skips: list[tuple[str, str]] = []
         self._warn = plumb.WarnOnce(type(self).__name__)
         self._probe_batches: list[Any] | None = None
         self._warm_vectors: torch.Tensor | None = None
@@ -208,13 +244,20 @@ class HessianSpectrumMonitor(Callback):
 
     @functools.cached_property  # Lightning reads it at every hook call; the settings it names are fixed
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, top_k=self.top_k, method=self.method, probe=self.probe, **plumb.prefix_key(self.prefix),
-                                       **({"split": self.split} if self.split != "train" else {}))
+        curvature = {"curvature": self.curvature} if self.curvature != "hessian" else {}  # older checkpoints keep their keys
+        split = {"split": self.split} if self.split != "train" else {}
+        return self._generate_state_key(every_n_steps=self.every_n_steps, top_k=self.top_k, method=self.method, probe=self.probe,
+                                        **curvature, **split, **plumb.prefix_key(self.prefix))
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         plumb.check_unique_tags(self, trainer)
-        plumb.check_loss_resolvable(pl_module, self.loss_fn, type(self).__name__)
+        loss_fn = self.loss_fn if self.output_split is None else self.output_split.output_fn  # an explicit split needs no training_step
+        plumb.check_loss_resolvable(pl_module, loss_fn, type(self).__name__)
+        for block in self.blocks or {}:  # a pattern that matches nothing, or too few entries for top_k, fails here
+            size = sum(p.numel() for p in self._block_params(pl_module, block))
+            if size < self.top_k:
+                raise ValueError(f"{type(self).__name__}: blocks[{block!r}] matches {size} parameter entries, fewer than top_k={self.top_k}")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.split == "val" and trainer.val_dataloaders is None:
@@ -226,7 +269,7 @@ class HessianSpectrumMonitor(Callback):
         if isinstance(self.probe, int):
             self._probe_batches = engine.probe_set(trainer, self.probe, self._probe_batches, split=self.split)
 
-    @plumb.contain_failures("hessian")
+    @plumb.contain_failures(None)  # this instance's area: hessian or ggn
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if not self._curvature_due(trainer, step):
@@ -236,18 +279,24 @@ class HessianSpectrumMonitor(Callback):
         try:
             metrics, density = outcome.get()
         except Exception as exc:  # any failure inside a diagnostic: skip, warn once per kind, count, go on
-            self._warn(type(exc).__name__, f"Hessian estimate skipped at step {step} ({type(exc).__name__}: {exc})")
-            plumb.log_scalars(trainer, pl_module, {"hessian/skipped": self._warn.count}, step, prefix=self.tag_prefix)
+            what = "Hessian" if self.curvature == "hessian" else "Gauss-Newton"
+            self._warn(type(exc).__name__, f"{what} estimate skipped at step {step} ({type(exc).__name__}: {exc})")
+            plumb.log_scalars(trainer, pl_module, {f"{self.AREA}/skipped": self._warn.count}, step, prefix=self.tag_prefix)
             return
+        for block, why in self._block_skips:
+            self._warn(f"block:{block}", f"block {block!r} skipped at step {step} ({why}); the other estimates are logged")
+        if self._block_skips:
+            metrics["hessian/skipped"] = self._warn.count
         lr = plumb.current_lr(trainer)
         if lr is not None and metrics.get("hessian/lambda_max") is not None:
             metrics["hessian/sharpness_lr"] = lr * metrics["hessian/lambda_max"]
         if density is not None:
             from chaos_callbacks.plotting.hessian import spectral_density_figure
 
-            plumb.log_figure(trainer, f"{self.tag_prefix}hessian/spectral_density", lambda: spectral_density_figure(density), step)
+            plumb.log_figure(trainer, f"{self.tag_prefix}{self.AREA}/spectral_density", lambda: spectral_density_figure(density), step)
+        metrics = self._in_area(metrics)
         self.last_estimate = metrics
-        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=("hessian/lambda_max",), prefix=self.tag_prefix)
+        plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=(f"{self.AREA}/lambda_max",), prefix=self.tag_prefix)
 
     # ------------------------------------------------------------------ estimate
     def _curvature_due(self, trainer: Trainer, step: int) -> bool:
@@ -264,6 +313,8 @@ class HessianSpectrumMonitor(Callback):
             probe=self._probe_batches,
             train_mode=self.hessian_mode == "train",
             produces_top=self.method in ("lanczos", "lyapunov"),
+            curvature=self.curvature,
+            output_split=self.output_split,
         )
 
     def _estimate(self, trainer: Trainer, shared: _engine.Shared) -> tuple[dict[str, float], Any]:
@@ -306,7 +357,9 @@ class HessianSpectrumMonitor(Callback):
         metrics["hessian/batch_sharpness"] = shared.batch_sharpness()
         if self.preconditioned and trainer.optimizers:
             self._preconditioned(trainer.optimizers[0], op, metrics, kw)
-        metrics["hessian/hvps"] = float(op.num_matvecs)
+        if self.blocks:
+            metrics.update(self._block_estimates(trainer, shared, kw))
+        metrics["hessian/hvps"] = float(shared.num_matvecs)
         if not plumb.is_finite(*[v for v in metrics.values() if v is not None]):
             raise plumb.EstimateSkipped(f"non-finite estimate {metrics}")
         return {k: v for k, v in metrics.items() if v is not None}, density
@@ -389,6 +442,7 @@ class HessianSpectrumMonitor(Callback):
             "num_estimates": self._num_estimates,
             "skipped": self._warn.count,
             "preconditioned_warm": _pack_warm(self._precond_warm, self.checkpoint_warm_vectors),
+            "blocks_warm": {name: (_pack_warm(v, self.checkpoint_warm_vectors), values) for name, (v, values) in self._blocks_warm.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -399,8 +453,9 @@ class HessianSpectrumMonitor(Callback):
         self._num_estimates = state_dict["num_estimates"]
         self._warn.count = state_dict["skipped"]
         self._precond_warm = _unpack_warm(state_dict.get("preconditioned_warm"))
+        self._blocks_warm = {name: (_unpack_warm(v), values) for name, (v, values) in state_dict.get("blocks_warm", {}).items()}
 
-    # ------------------------------------------------------------------ extras (issue 16)
+    # ------------------------------------------------------------------ Adam's preconditioned sharpness
     def _preconditioned(self, optimizer: Any, op: Any, metrics: dict[str, float], kw: dict[str, Any]) -> None:
         """Adam's preconditioned sharpness into ``metrics`` (nothing for other optimizers or before
         Adam's first step; an uncertified solve is warned and counted, the other quantities stay)."""
@@ -426,6 +481,92 @@ class HessianSpectrumMonitor(Callback):
             return
         metrics["hessian/preconditioned_sharpness_ratio"] = top.ratio
         metrics["hessian/preconditioned_sharpness_ratio_error"] = top.ratio_error
+
+    # ------------------------------------------------------------------ blocks and areas
+    def _block_params(self, pl_module: LightningModule, block: str) -> list[torch.Tensor]:
+        """The trainable parameters whose names ``blocks[block]`` matches (``re.search``), in module order."""
+        pattern = self.blocks[block]
+        params = [p for n, p in pl_module.named_parameters() if p.requires_grad and pattern.search(n)]
+        if not params:
+            raise ValueError(f"{type(self).__name__}: blocks[{block!r}] = {pattern.pattern!r} matches no trainable "
+                             "parameter name of the module (see module.named_parameters())")
+        return params
+
+    def _block_estimates(self, trainer: Trainer, shared: _engine.Shared, kw: dict[str, Any]) -> dict[str, float]:
+        """The estimates of every block ``S``: ``_eigen`` and the trace on the diagonal block ``H_SS`` (a view of
+        the step's graph), each from its own warm vectors; tags ``hessian/<name>/<quantity>``. A block that
+        fails is left out and recorded in ``_block_skips`` (its hook warns and counts it)."""
+        self._block_skips = []
+        out: dict[str, float] = {}
+        for block in self.blocks:
+            view = shared.view(self._block_params(trainer.lightning_module, block))
+            metrics: dict[str, float] = {}
+            with self._warm_state_of(block):
+                try:
+                    self._eigen(view, metrics, kw, self.tol, self.max_hvps)
+                    if self.trace:
+                        self._block_trace(view, metrics, kw)
+                except Exception as exc:  # this block's failure; the others and the full estimate go on
+                    self._block_skips.append((block, f"{type(exc).__name__}: {exc}"))
+                    continue
+            metrics["hessian/hvps"] = float(view.num_matvecs)
+            if not plumb.is_finite(*metrics.values()):
+                self._block_skips.append((block, f"non-finite estimate {metrics}"))
+                continue
+            out.update({f"hessian/{block}/{k.removeprefix('hessian/')}": v for k, v in metrics.items()})
+        return out
+
+    def _block_trace(self, view: Any, metrics: dict[str, float], kw: dict[str, Any]) -> None:
+        """Hutchinson trace of a block, deflated by its Ritz pairs as the full estimate is."""
+        deflate = {}
+        if self.method == "lanczos" and self._warm_vectors is not None:
+            deflate = dict(deflate_vectors=self._warm_vectors[: self.top_k], deflate_values=self._top_values)
+        est = hutchinson_trace(view, view.dim, num_samples=self.trace_samples, **deflate, **kw)
+        metrics["hessian/trace"], metrics["hessian/trace_stderr"] = est.trace, est.stderr
+
+    @contextlib.contextmanager
+    def _warm_state_of(self, block: str) -> Iterator[None]:
+        """Run the full estimate's code on a block: its warm vectors and top values in place of the monitor's."""
+        saved = self._warm_vectors, self._top_values
+        self._warm_vectors, self._top_values = self._blocks_warm.get(block, (None, None))
+        try:
+            yield
+        finally:
+            self._blocks_warm[block] = (self._warm_vectors, self._top_values)
+            self._warm_vectors, self._top_values = saved
+
+    def _in_area(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Tags under this instance's area: the estimate names its tags ``hessian/...``; a Gauss–Newton
+        monitor logs them as ``ggn/...``."""
+        if self.AREA == "hessian":
+            return metrics
+        return {f"{self.AREA}/{k.removeprefix('hessian/')}" if k.startswith("hessian/") else k: v for k, v in metrics.items()}
+
+
+def _check_blocks(owner: str, blocks: Any) -> dict[str, re.Pattern[str]] | None:
+    """``None`` or a non-empty ``{tag part: regex}`` (compiled)."""
+    if blocks is None:
+        return None
+    if not isinstance(blocks, dict) or not blocks:
+        raise ValueError(f"{owner}: blocks must be a non-empty dict {{name: regex of parameter names}} or None, got {blocks!r}")
+    return {V.check_tag_part(owner, "a name in blocks", name): V.check_regex(owner, f"blocks[{name!r}]", pattern, allow_none=False)
+            for name, pattern in blocks.items()}
+
+
+def _check_split(owner: str, curvature: str, loss_fn: Any, output_fn: Any, output_loss_fn: Any) -> _outputs.OutputSplit | None:
+    """The explicit Gauss–Newton split, or ``None`` (the captured ``forward`` output)."""
+    output_fn = V.check_callable(owner, "output_fn", output_fn)
+    output_loss_fn = V.check_callable(owner, "output_loss_fn", output_loss_fn)
+    if output_fn is None and output_loss_fn is None:
+        return None
+    if curvature != "ggn":
+        raise ValueError(f"{owner}: output_fn and output_loss_fn split the loss for curvature='ggn', got curvature={curvature!r}")
+    if output_fn is None or output_loss_fn is None:
+        raise ValueError(f"{owner}: output_fn and output_loss_fn go together (the outputs and the loss computed from them), "
+                         f"got output_fn={output_fn!r}, output_loss_fn={output_loss_fn!r}")
+    if loss_fn is not None:
+        raise ValueError(f"{owner}: pass either loss_fn or output_fn/output_loss_fn (which define the loss), not both")
+    return _outputs.OutputSplit(output_fn, output_loss_fn)
 
 
 def _pack_warm(vectors: torch.Tensor | None, fmt: str) -> torch.Tensor | dict[str, Any] | None:

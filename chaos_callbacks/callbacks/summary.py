@@ -32,6 +32,9 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
         "batch sharpness g'Hg/|g|^2 (SGD holds it at 2/lr)": ["Multiline", [r"hessian/batch_sharpness$"]],
         "Adam: preconditioned lambda_max": ["Multiline", [r"hessian/preconditioned_lambda_max$"]],
         "Adam: lr x preconditioned lambda_max / threshold (1 = edge of stability)": ["Multiline", [r"hessian/preconditioned_sharpness_ratio$"]],
+        "lambda_max per block (hover for the block)": ["Multiline", [r"hessian/[^/]+/lambda_max$"]],
+        "lambda_min per block (opt-in)": ["Multiline", [r"hessian/[^/]+/lambda_min$"]],
+        "trace per block": ["Multiline", [r"hessian/[^/]+/trace$"]],
     },
     "lyapunov": {
         "maximal exponent (ln per step)": ["Multiline", [r"lyapunov/mle$"]],
@@ -71,6 +74,9 @@ OPT_IN_CHARTS: dict[tuple[str, str], Any] = {
     ("hessian", r"hessian/trace$"): lambda cb: getattr(cb, "trace", True),
     ("hessian", r"hessian/preconditioned_lambda_max$"): lambda cb: getattr(cb, "preconditioned", True),
     ("hessian", r"hessian/preconditioned_sharpness_ratio$"): lambda cb: getattr(cb, "preconditioned", True),
+    ("hessian", r"hessian/[^/]+/lambda_max$"): lambda cb: bool(getattr(cb, "blocks", True)),
+    ("hessian", r"hessian/[^/]+/lambda_min$"): lambda cb: bool(getattr(cb, "blocks", True)) and getattr(cb, "lambda_min", True),
+    ("hessian", r"hessian/[^/]+/trace$"): lambda cb: bool(getattr(cb, "blocks", True)) and getattr(cb, "trace", True),
     ("lyapunov", r"lyapunov/local_exponent$"): lambda cb: getattr(cb, "mode", "twin") == "twin" and getattr(cb, "renormalize_every", None) is None,
     ("lyapunov", r"lyapunov/ftle$"): lambda cb: getattr(cb, "renormalize_every", 1) is not None,
     ("grad_tail", r"grad_tail/.+/alpha$"): lambda cb: getattr(cb, "per_layer", True),
@@ -100,6 +106,7 @@ def custom_scalars_layout(callbacks: list[Callback]) -> dict[str, dict[str, list
 HEADLINES: tuple[str, ...] = (
     "hessian/lambda_max",
     "hessian/sharpness_lr",
+    "ggn/lambda_max",
     "lyapunov/mle",
     "lyapunov/local_exponent",
     "curvature_lr/lr",
@@ -275,7 +282,7 @@ def _companion(tag: str, ledger: dict[str, Logged]) -> tuple[float | None, str]:
         other = ledger.get(tag + suffix)
         if other is not None and other.step == entry.step:
             return other.value, suffix[1:]
-    if tag.endswith("hessian/sharpness_lr"):
+    if tag.endswith(("hessian/sharpness_lr", "ggn/sharpness_lr")):
         base = tag[: -len("sharpness_lr")]
         lam, err = ledger.get(base + "lambda_max"), ledger.get(base + "lambda_max_error")
         if lam is not None and err is not None and lam.step == err.step == entry.step and lam.value != 0:
@@ -360,3 +367,16 @@ def _logger_lines(trainer: Trainer) -> list[str]:
             lines.append(f"  {name}: no local folder (see the service it writes to)")
     return lines
 
+
+def _gauss_newton_area() -> None:
+    """A ``HessianSpectrumMonitor(curvature="ggn")`` writes the ``hessian`` quantities of the Gauss–Newton
+    matrix under ``ggn/``: its category has the same charts, opt-in on the same settings."""
+    rename = lambda pattern: pattern.replace("hessian/", "ggn/", 1)  # noqa: E731
+    CUSTOM_SCALARS_LAYOUT["ggn"] = {
+        title.replace("Hessian", "Gauss-Newton"): [kind, [rename(p) for p in patterns]]
+        for title, (kind, patterns) in CUSTOM_SCALARS_LAYOUT["hessian"].items()
+    }
+    OPT_IN_CHARTS.update({("ggn", rename(p)): enabled for (area, p), enabled in list(OPT_IN_CHARTS.items()) if area == "hessian"})
+
+
+_gauss_newton_area()

@@ -7,12 +7,14 @@ from chaos_callbacks.curvature.drift import (
     principal_flow_coefficients,
     stability_regime,
 )
+from chaos_callbacks.curvature.ggn import GGNOperator
 from chaos_callbacks.curvature.hvp import HessianOperator, NoTrainableParametersError, flatten, unflatten
 from chaos_callbacks.curvature.lanczos import LanczosResult, PowerResult, lanczos, power_iteration, random_start_failure_bound
 from chaos_callbacks.curvature.lyapunov_map import LyapunovMapResult, lyapunov_map_lambda_max
 from chaos_callbacks.curvature.trace import TraceEstimate, hutchinson_trace
 
 __all__ = [
+    "GGNOperator",
     "HessianOperator",
     "LanczosResult",
     "LyapunovMapResult",

@@ -136,7 +136,8 @@ class HessianOperator:
 
 
 class HessianView:
-    """The Hessian of a :class:`HessianOperator` seen in the coordinates of some of its parameters.
+    """The Hessian of a :class:`HessianOperator` seen in the coordinates of some of its parameters
+    (or any operator with its interface, e.g. :class:`~chaos_callbacks.curvature.ggn.GGNOperator`).
 
     For parameters ``S`` (in their own order) the view applies the principal submatrix ``H_SS``:
     ``v`` is zero-padded onto the other parameters, one product of the shared graph is taken and its
@@ -201,6 +202,10 @@ class HessianView:
             full[o : o + n] = v[start : start + n]
             start += n
         return full
+
+    def view(self, params: Sequence[Tensor]) -> HessianView:
+        """Another view of the same operator, in the coordinates of ``params`` (e.g. a diagonal block)."""
+        return self._base.view(params)
 
     def matvec(self, v: Tensor) -> Tensor:
         """Return ``H_SS v`` (one counted product here and on the operator)."""

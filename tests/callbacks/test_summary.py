@@ -246,7 +246,9 @@ def test_layout_charts_hold_one_quantity_each():
         "diffusion/exponent_long", "diffusion/crossover", "diffusion/hurst", "diffusion/fractal_dim", "diffusion/temperature",
         "grad_tail/alpha", "grad_tail/blocks.0/alpha", "grad_tail/llr_gauss", "grad_tail/llr_student_t", "grad_tail/vuong_p",
         "grad_tail/vuong_p_student_t", "grad_tail/zero_fraction", "grad_tail/blocks.0/zero_fraction",
+        "hessian/fc1/lambda_max", "hessian/fc1/lambda_min", "hessian/fc1/trace",
     ]
+    tags += [t.replace("hessian/", "ggn/", 1) for t in tags if t.startswith("hessian/")]  # curvature="ggn"
     charts = [(area, title, spec) for area, group in CUSTOM_SCALARS_LAYOUT.items() for title, spec in group.items()]
     for area, title, (kind, patterns) in charts:
         assert kind == "Multiline" and len(patterns) == 1 and patterns[0].endswith("$"), title
