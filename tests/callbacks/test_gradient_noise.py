@@ -368,21 +368,34 @@ def test_unexpected_errors_are_contained(monkeypatch):
 # ------------------------------------------------------------------ DDP
 
 
+class SeenExamples(pl.Callback):
+    """Records the data-set indices of the examples in every training batch (rows of ``data``)."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.x = data.tensors[0]
+        self.seen: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append([int((self.x == row).all(1).nonzero()[0]) for row in batch[0]])
+
+
 def ddp_scenario(devices: int):
-    """32 examples, 8 per step over all ranks (DistributedSampler without shuffling: rank r reads
-    examples r, r + 2, ...), weights fixed: the ranks' local gradients ("ddp") and per-example
-    gradients pooled over ranks ("per_example", prefix pe/)."""
+    """32 examples, 8 per step over all ranks, weights fixed: the ranks' local gradients ("ddp") and
+    per-example gradients pooled over the ranks ("per_example", prefix pe/). Lightning's
+    DistributedSampler shuffles training data whatever the loader says, so each rank records the
+    examples it saw."""
     pl.seed_everything(0, verbose=False)
     data = regression_data(7, 32)
     dl = DataLoader(data, batch_size=8 // devices, shuffle=False)
     callbacks = [GradientNoiseScale(every_n_steps=1, source="ddp" if devices > 1 else "micro_batches", num_micro_batches=2),
-                 GradientNoiseScale(every_n_steps=1, source="per_example", prefix="pe/")]
-    records = [recorded(cb) for cb in callbacks]
+                 GradientNoiseScale(every_n_steps=1, source="per_example", prefix="pe/"), SeenExamples(data)]
+    records = [recorded(cb) for cb in callbacks[:2]]
 
     def collect(trainer, model, cbs):
         return {"local": [[e.grad_norm_sq, e.trace_cov] for e in records[0]],
                 "per_example": [[e.grad_norm_sq, e.trace_cov] for e in records[1]],
                 "sources": [cb.source_in_use for cb in cbs[:2]],
+                "seen": cbs[2].seen,
                 "logged": cbs[0].last_estimate}
 
     return LinReg(seed=0), dl, callbacks, collect, dict(max_steps=3, max_epochs=None)
@@ -390,20 +403,27 @@ def ddp_scenario(devices: int):
 
 @pytest.mark.ddp
 def test_ddp_local_and_per_example_paths_are_exact(tmp_path):
+    """Under DDP, step by step: "ddp" = the two-batch formula on the ranks' enumerated gradients =
+    single-process micro-batches on the same examples (rank 0's then rank 1's); per-example pooled
+    over the ranks = single-process per-example on the same 8 examples = its exact formula."""
     ranks = run_ddp("tests.callbacks.test_gradient_noise:ddp_scenario", tmp_path / "ddp", devices=2)
-    assert ranks[0] == ranks[1] and ranks[0]["sources"] == ["ddp", "per_example"]
-    model, dl, callbacks, collect, kwargs = ddp_scenario(1)
+    assert ranks[0]["local"] == ranks[1]["local"] and ranks[0]["per_example"] == ranks[1]["per_example"]
+    assert ranks[0]["sources"] == ["ddp", "per_example"]
+    data = regression_data(7, 32)
+    order = [i for step in range(3) for rank in ranks for i in rank["seen"][step]]
+    model, _, callbacks, collect, kwargs = ddp_scenario(1)
     t = trainer(callbacks=callbacks, **kwargs)
-    t.fit(model, dl)
+    t.fit(model, DataLoader(torch.utils.data.Subset(data, order), batch_size=8, shuffle=False))
     single = collect(t, model, callbacks)
-    g = per_example_gradients(model, regression_data(7, 32))
+    g = per_example_gradients(model, data)
     for step in range(3):
-        first = 8 * step
-        rank_groups = [list(range(first, first + 8, 2)), list(range(first + 1, first + 8, 2))]
-        want = formula(g, rank_groups, equal_weights=True)
+        groups = [rank["seen"][step] for rank in ranks]
+        want = formula(g, groups, equal_weights=True)
         assert ranks[0]["local"][step] == pytest.approx([want.grad_norm_sq, want.trace_cov], rel=1e-10)
-        # per-example gradients pooled over the ranks = the single-process per-example answer on the same 8 examples
-        assert ranks[0]["per_example"][step] == pytest.approx(single["per_example"][step], rel=1e-10)
-        exact = formula(g, [[i] for i in range(first, first + 8)])
-        assert single["per_example"][step] == pytest.approx([exact.grad_norm_sq, exact.trace_cov], rel=1e-10)
-    assert ranks[0]["logged"]["gradient_noise/b_simple_over_batch"] == pytest.approx(ranks[0]["logged"]["gradient_noise/b_simple"] / 8)
+        assert single["local"][step] == pytest.approx(ranks[0]["local"][step], rel=1e-10)
+        exact = formula(g, [[i] for i in groups[0] + groups[1]])
+        assert ranks[0]["per_example"][step] == pytest.approx([exact.grad_norm_sq, exact.trace_cov], rel=1e-10)
+        assert single["per_example"][step] == pytest.approx(ranks[0]["per_example"][step], rel=1e-10)
+    logged = ranks[0]["logged"]
+    assert logged == ranks[1]["logged"]
+    assert logged["gradient_noise/b_simple_over_batch"] == pytest.approx(logged["gradient_noise/b_simple"] / 8)
