@@ -58,7 +58,8 @@ def cnn() -> nn.Module:
     )
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"MLP 784-256-10": mlp, "CNN 16-32 (LeNet-like)": cnn}
+MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": mlp, "cnn": cnn}
+NAMES = {"mlp": "MLP 784-256-10 (ReLU)", "cnn": "CNN conv5-16, conv5-32, linear"}
 
 
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -95,7 +96,7 @@ def row(name: str, batch: int, repeats: int, batches: int, micro: int, chunk: in
                 return callback._per_example(module, b, 0, batch)
             return callback._micro_batches(module, b, 0, batch, min(micro, batch))
 
-    out: list[Any] = [name, sum(p.numel() for p in module.parameters()), batch]
+    out: list[Any] = [NAMES[name], sum(p.numel() for p in module.parameters()), batch]
     step_ms = median_ms(step, repeats)
     out.append(step_ms)
     cost = {}
@@ -112,7 +113,7 @@ def row(name: str, batch: int, repeats: int, batches: int, micro: int, chunk: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="mlp: 784-256-10; cnn: LeNet-like")
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions (median)")
     parser.add_argument("--batches", type=int, default=30, help="random batches for the spread of tr Σ")
     parser.add_argument("--micro-batches", type=int, default=8)
