@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -61,8 +61,10 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t[start:stop] if t.ndim else t)
 
 
-def _sq_norm(tensors: list[Tensor]) -> float:
-    return float(torch.stack([t.pow(2).sum() for t in tensors]).double().sum()) if tensors else 0.0
+def _sq_norm(tensors: Iterable[Tensor]) -> float:
+    """Σ |t|² over ``tensors`` (a generator keeps one temporary at a time), summed in float64."""
+    sums = [t.pow(2).sum() for t in tensors]
+    return float(torch.stack(sums).double().sum()) if sums else 0.0
 
 
 def _flat(tensors: list[Tensor]) -> Tensor:
@@ -247,9 +249,10 @@ class GradientNoiseScale(Callback):
         params = plumb.trainable_parameters(pl_module)
         scale = self._loss_scale(trainer)
         current = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
-        previous = acc.previous or [torch.zeros_like(c) for c in current]
         factor = trainer.accumulate_grad_batches / scale
-        acc.small_sq_sum += _sq_norm([(c - p) * factor for c, p in zip(current, previous)])
+        # one parameter's difference at a time: memory stays at the two copies of .grad
+        changes = current if acc.previous is None else (c - p for c, p in zip(current, acc.previous))
+        acc.small_sq_sum += _sq_norm(changes) * factor**2
         acc.previous = current
         acc.sizes.append(acc.pending_size)
         acc.pending_size = None
