@@ -102,7 +102,7 @@ class GradientNoiseScale(Callback):
       per-rank batch, B_big = the global batch, the paper's data-parallel recipe). DDP all-reduces
       the gradients inside ``backward``, so a rank's own gradient is never in ``.grad``: each rank
       runs one extra forward/backward on its batch, and the callback all-reduces the ranks'
-      gradients itself (one parameter-sized all-reduce and one of five numbers per estimate).
+      gradients itself (one parameter-sized all-reduce and one of four numbers per estimate).
     - ``"accumulation"`` (``"auto"`` with ``accumulate_grad_batches`` = K > 1, single process):
       the K micro-batches against the accumulated gradient, free of extra passes. Lightning divides
       each micro-batch loss by K, so micro-batch k's gradient is K times the change of ``.grad``
