@@ -15,6 +15,7 @@ _CALLBACKS = {
     "ChaosSummary": "chaos_callbacks.callbacks.summary",
     "CurvatureLRScheduler": "chaos_callbacks.callbacks.curvature_lr",
     "DiffusionTracker": "chaos_callbacks.callbacks.diffusion_tracker",
+    "GradientNoiseScale": "chaos_callbacks.callbacks.gradient_noise",
     "GradientTailFitter": "chaos_callbacks.callbacks.gradient_tails",
     "LyapunovTwinRun": "chaos_callbacks.callbacks.lyapunov_twin",
     "HessianSpectrumMonitor": "chaos_callbacks.callbacks.hessian_spectrum",

@@ -65,6 +65,12 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
         "Vuong p-value vs Student t": ["Multiline", [r"grad_tail/vuong_p_student_t$"]],
         "fraction of exactly-zero gradient entries": ["Multiline", [r"grad_tail/(.+/)?zero_fraction$"]],
     },
+    "gradient_noise": {
+        "B_simple = tr(Sigma)/|G|^2 (examples)": ["Multiline", [r"gradient_noise/b_simple$"]],
+        "B_simple / global batch size": ["Multiline", [r"gradient_noise/b_simple_over_batch$"]],
+        "tr(Sigma), per-example gradient covariance": ["Multiline", [r"gradient_noise/trace_cov$"]],
+        "|G|^2, squared true-gradient norm": ["Multiline", [r"gradient_noise/grad_norm_sq$"]],
+    },
 }
 
 
@@ -114,6 +120,7 @@ HEADLINES: tuple[str, ...] = (
     "diffusion/crossover",
     "grad_tail/alpha",
     "grad_tail/vuong_p",
+    "gradient_noise/b_simple",
     "val/acc",
     "val/loss",
 )
