@@ -138,14 +138,12 @@ class Recorder(Callback):
         self.rng.append(torch.get_rng_state())
 
 
-AREAS = frozenset({"hessian", "lyapunov", "curvature_lr", "diffusion", "grad_tail"})
-#: areas an instance takes from its settings: HessianSpectrumMonitor(curvature="ggn") writes ggn/...
-SETTING_AREAS = frozenset({"ggn"})
+AREAS = frozenset({"hessian", "ggn", "lyapunov", "curvature_lr", "diffusion", "grad_tail", "gradient_noise"})
 
 
 def ours(tag: str) -> bool:
     """A tag a chaos_callbacks callback wrote: ``[<prefix>]<area>/<quantity>``."""
-    return bool((AREAS | SETTING_AREAS).intersection(tag.split("/")[:-1]))
+    return bool(AREAS.intersection(tag.split("/")[:-1]))
 
 
 def fit_snapshot(model_kwargs: dict[str, Any], callbacks: list[Callback], seed: int = 0, **trainer_kwargs: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from chaos_callbacks import (
     ChaosSummary,
     CurvatureLRScheduler,
     DiffusionTracker,
+    GradientNoiseScale,
     GradientTailFitter,
     HessianSpectrumMonitor,
     LyapunovTwinRun,
@@ -50,12 +51,17 @@ def documented_form(tag: str) -> str:
         tag = tag.removeprefix(prefix)
     tag = COMPANION.sub("", tag)
     area, *parts = tag.split("/")
+    if area == "val":
+        return "val/hessian/…"
     if parts == ["skipped"]:
         return "<area>/skipped"
+    if area == "ggn":
+        return "ggn/…"
     if len(parts) == 2 and re.fullmatch(r"optimizer_\d+", parts[0]):
         return f"{area}/optimizer_<i>/…"
     if len(parts) == 2:
-        return f"{area}/<layer>/{parts[1]}"
+        part = "<block>" if area == "hessian" else "<layer>"
+        return re.sub(r"/eig_\d+$", "/eig_<i>", f"{area}/{part}/{parts[1]}")
     return re.sub(r"/eig_\d+$", "/eig_<i>", tag)
 
 
@@ -66,6 +72,8 @@ def test_documented_form():
     assert documented_form("grad_tail/optimizer_1/vuong_p") == "grad_tail/optimizer_<i>/…"
     assert documented_form("free/lyapunov/skipped") == "<area>/skipped"
     assert documented_form("diffusion/crossover_pvalue") == "diffusion/crossover_pvalue"
+    assert documented_form("hessian/first/eig_2_error") == "hessian/<block>/eig_<i>"
+    assert documented_form("ggn/first/lambda_max") == "ggn/…" and documented_form("val/hessian/trace") == "val/hessian/…"
 
 
 def logged_tags(log_dir: Path) -> set[str]:
@@ -82,7 +90,8 @@ def logged_tags(log_dir: Path) -> set[str]:
 def tags_of_a_run(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     callbacks = [
         HessianSpectrumMonitor(every_n_steps=2, top_k=2, lambda_min=True, trace=True, trace_samples=4, density=True,
-                               density_probes=1, density_steps=8, max_hvps=40),
+                               density_probes=1, density_steps=8, max_hvps=40, blocks={"first": r"^net\.0\."}),
+        HessianSpectrumMonitor(every_n_steps=2, curvature="ggn", max_hvps=40, blocks={"last": r"^net\.2\."}),
         HessianSpectrumMonitor(every_n_steps=2, method="power", max_hvps=40, prefix="power/"),
         HessianSpectrumMonitor(every_n_steps=2, method="lyapunov", max_hvps=40, prefix="map/"),
         LyapunovTwinRun(renormalize_every=2, n_twins=2, function_space=True, summary_every_n_steps=4),
@@ -91,13 +100,24 @@ def tags_of_a_run(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
         CurvatureLRScheduler(every_n_steps=2),
         DiffusionTracker(window=6, lags=4, figure_every_n_windows=1, loss_key="train_loss_step"),
         GradientTailFitter(every_n_steps=2, num_samples=60, figure_every_n_estimates=1),
+        GradientNoiseScale(every_n_steps=2),
         ChaosSummary(),
     ]  # fmt: skip
     root = tmp_path_factory.mktemp("tb")
     pl.seed_everything(0, verbose=False)
     run = trainer(callbacks=callbacks, logger=TensorBoardLogger(root, name="", version=0), max_epochs=3)
     run.fit(TinyNet(), loader())
-    return {tag for tag in logged_tags(root / "version_0") if ours(tag)}
+    # what only Adam and a validation loader write: preconditioned sharpness, validation-split curvature
+    adam = [HessianSpectrumMonitor(every_n_steps=2, max_hvps=40), HessianSpectrumMonitor(every_n_steps=2, probe=16, split="val", max_hvps=40)]
+    pl.seed_everything(0, verbose=False)
+    run = trainer(callbacks=adam, logger=TensorBoardLogger(root, name="", version=1), max_epochs=2)
+    run.fit(WithValidation(optimizer="adam", lr=0.01), loader(), loader())
+    return {tag for version in ("version_0", "version_1") for tag in logged_tags(root / version) if ours(tag)}
+
+
+class WithValidation(TinyNet):
+    def validation_step(self, batch, batch_idx):
+        return None
 
 
 def test_the_run_wrote_every_area(tags_of_a_run: set[str]):
@@ -105,7 +125,9 @@ def test_the_run_wrote_every_area(tags_of_a_run: set[str]):
     for tag in ("hessian/lambda_max", "hessian/trace", "hessian/spectral_density", "power/hessian/lambda_dominant",
                 "map/hessian/lambda_max", "lyapunov/mle", "lyapunov/function_distance", "free/lyapunov/local_exponent",
                 "free/lyapunov/saturated", "tangent/lyapunov/hvps", "curvature_lr/lr", "diffusion/exponent",
-                "diffusion/loss_variance", "diffusion/msd", "grad_tail/alpha", "grad_tail/log10_abs_samples"):  # fmt: skip
+                "diffusion/loss_variance", "diffusion/msd", "grad_tail/alpha", "grad_tail/log10_abs_samples",
+                "hessian/first/lambda_max", "ggn/lambda_max", "ggn/last/lambda_max", "hessian/batch_sharpness",
+                "hessian/preconditioned_lambda_max", "val/hessian/lambda_max", "gradient_noise/b_simple"):  # fmt: skip
         assert tag in tags_of_a_run
     assert {tag.split("/")[-2] for tag in tags_of_a_run if len(tag.split("/")) == 2} == AREAS
 

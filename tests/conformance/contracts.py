@@ -37,7 +37,7 @@ from torchmetrics import Metric
 from tests.conformance.zoo_modules import ZOO, user_state
 from tests.lightning_helpers import MemoryLogger
 
-AREAS = ("hessian/", "lyapunov/", "curvature_lr/", "diffusion/", "grad_tail/")
+AREAS = ("hessian/", "ggn/", "lyapunov/", "curvature_lr/", "diffusion/", "grad_tail/", "gradient_noise/")
 CALLBACK_NAMES = ("HessianSpectrumMonitor", "LyapunovTwinRun", "CurvatureLRScheduler", "DiffusionTracker", "GradientTailFitter")
 
 
