@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from chaos_callbacks.callbacks import _engine
+from chaos_callbacks.callbacks import _hessian_landscape as landscape_
 from chaos_callbacks.callbacks import _hessian_preconditioned as precond
 from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks import _validation as V
@@ -117,6 +118,17 @@ class HessianSpectrumMonitor(Callback):
             state protection; tags become ``<prefix>val/hessian/<quantity>`` (e.g.
             ``val/hessian/lambda_max``), so a train and a val monitor sit side by side with one
             ``prefix``. A fit without a validation loader at train start is refused (``ValueError``).
+        landscape: also log a TensorBoard figure ``hessian/landscape``: the probe loss along ``±t·v₁``
+            and (``top_k ≥ 2``, Lanczos) over the ``v₁–v₂`` plane of the estimate's Ritz vectors, with
+            the quadratic model ``L₀ + t gᵀv + ½λt²`` overlaid (PyHessian's line; the plane as contours).
+            ``t`` spans ``±landscape_radius · sqrt(2|L₀|/|λ|)``, where ``½λt²`` alone equals the loss
+            (:mod:`chaos_callbacks.curvature.landscape`). It costs ``landscape_points`` (line) ``+
+            landscape_points²`` (plane) forwards of the probe; the weights are perturbed in place and
+            restored bit-exactly, the run's state as for every estimate. The last one is kept in
+            ``last_landscape``.
+        landscape_every_n_steps: its cadence, a multiple of ``every_n_steps`` (default: every estimate).
+        landscape_points: points per axis (odd, ≥ 3, so that ``t = 0`` is one of them).
+        landscape_radius: half-width of the range in units of ``sqrt(2|L₀|/|λ|)``.
         prefix: prepended to every tag this callback writes (``"probe_a/"`` → ``probe_a/hessian/...``),
             so that two instances can run side by side; two instances of one area with the same
             prefix are refused (identical ones by Lightning when the Trainer is built, others at fit start).
@@ -150,6 +162,10 @@ class HessianSpectrumMonitor(Callback):
         checkpoint_warm_vectors: WarmFormat = "full",
         preconditioned: bool = True,
         split: Literal["train", "val"] = "train",
+        landscape: bool = False,
+        landscape_every_n_steps: int | None = None,
+        landscape_points: int = 15,
+        landscape_radius: float = 2.0,
         prefix: str = "",
     ) -> None:
         name = type(self).__name__
@@ -197,6 +213,18 @@ class HessianSpectrumMonitor(Callback):
             raise ValueError(f"{name}: split='val' needs a fixed probe of N validation examples (probe=N); "
                              "probe='batch' is the training batch of the step")
         self.tag_prefix = self.prefix + ("val/" if self.split == "val" else "")  #: what precedes ``hessian/`` in the tags
+        self.landscape = V.check_bool(name, "landscape", landscape)
+        landscape_every = V.check_int(name, "landscape_every_n_steps", landscape_every_n_steps, minimum=1, allow_none=True)
+        if landscape_every is not None and landscape_every % self.every_n_steps:
+            raise ValueError(f"{name}: landscape_every_n_steps must be a positive multiple of every_n_steps={every_n_steps}, "
+                             f"got {landscape_every_n_steps}")
+        self.landscape_every_n_steps = landscape_every or self.every_n_steps
+        self.landscape_points = V.check_int(name, "landscape_points", landscape_points, minimum=3)
+        if self.landscape_points % 2 == 0:
+            raise ValueError(f"{name}: landscape_points must be odd (t = 0 is the middle point), got {landscape_points}")
+        self.landscape_radius = V.check_float(name, "landscape_radius", landscape_radius, 0, low_open=True)
+        self._landscape_basis: landscape_.Basis | None = None
+        self.last_landscape: Any = None
         self._warn = plumb.WarnOnce(type(self).__name__)
         self._probe_batches: list[Any] | None = None
         self._warm_vectors: torch.Tensor | None = None
@@ -233,6 +261,7 @@ class HessianSpectrumMonitor(Callback):
             return
         self._last_step = step
         outcome = _engine.engine_for(trainer).estimate(self, trainer, pl_module, batch, batch_idx)
+        basis, self._landscape_basis = self._landscape_basis, None  # this estimate's directions, if it drew a landscape
         try:
             metrics, density = outcome.get()
         except Exception as exc:  # any failure inside a diagnostic: skip, warn once per kind, count, go on
@@ -248,6 +277,8 @@ class HessianSpectrumMonitor(Callback):
             plumb.log_figure(trainer, f"{self.tag_prefix}hessian/spectral_density", lambda: spectral_density_figure(density), step)
         self.last_estimate = metrics
         plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=("hessian/lambda_max",), prefix=self.tag_prefix)
+        if basis is not None:
+            self._log_landscape(trainer, pl_module, batch, batch_idx, basis, step)
 
     # ------------------------------------------------------------------ estimate
     def _curvature_due(self, trainer: Trainer, step: int) -> bool:
@@ -306,6 +337,8 @@ class HessianSpectrumMonitor(Callback):
         metrics["hessian/batch_sharpness"] = shared.batch_sharpness()
         if self.preconditioned and trainer.optimizers:
             self._preconditioned(trainer.optimizers[0], op, metrics, kw)
+        if self.landscape and trainer.global_step % self.landscape_every_n_steps == 0:
+            self._landscape_basis = self._basis(op, metrics)
         metrics["hessian/hvps"] = float(op.num_matvecs)
         if not plumb.is_finite(*[v for v in metrics.values() if v is not None]):
             raise plumb.EstimateSkipped(f"non-finite estimate {metrics}")
@@ -426,6 +459,31 @@ class HessianSpectrumMonitor(Callback):
             return
         metrics["hessian/preconditioned_sharpness_ratio"] = top.ratio
         metrics["hessian/preconditioned_sharpness_ratio_error"] = top.ratio_error
+
+    def _basis(self, op: Any, metrics: dict[str, float]) -> landscape_.Basis | None:
+        """The estimate's directions for the landscape: the top two Ritz pairs (one without a second)."""
+        if self._warm_vectors is None:
+            return None
+        values = [metrics[k] for k in ("hessian/eig_1", "hessian/eig_2") if k in metrics]
+        values = values or [metrics.get("hessian/lambda_max", metrics.get("hessian/lambda_dominant"))]
+        vectors = self._warm_vectors[: len(values)]
+        slopes = (vectors.double() @ op.gradient.double()).tolist()
+        return landscape_.Basis(op.loss, values, vectors, slopes)
+
+    def _log_landscape(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                       basis: landscape_.Basis, step: int) -> None:
+        """Evaluate the landscape on the estimate's probe and log its figure (a failure is warned and counted)."""
+        batches = [batch] if self._probe_batches is None else [plumb.to_device(trainer, b) for b in self._probe_batches]
+        try:
+            self.last_landscape = landscape_.probe_landscape(trainer, pl_module, basis, batches, self.loss_fn, self.hessian_mode == "train",
+                                                             self.landscape_points, self.landscape_radius, batch_idx)
+        except Exception as exc:
+            self._warn("landscape", f"loss landscape skipped at step {step} ({type(exc).__name__}: {exc})")
+            return
+        from chaos_callbacks.plotting.hessian import landscape_figure
+
+        landscape = self.last_landscape
+        plumb.log_figure(trainer, f"{self.tag_prefix}hessian/landscape", lambda: landscape_figure(landscape), step)
 
 
 def _pack_warm(vectors: torch.Tensor | None, fmt: str) -> torch.Tensor | dict[str, Any] | None:

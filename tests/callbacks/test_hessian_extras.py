@@ -209,3 +209,62 @@ def test_resume_keeps_the_val_probe(tmp_path):
         assert est == full.estimates[step]
         assert est["hessian/lambda_max"] == pytest.approx(float(resumed.exact[step][-1]), rel=1e-2)
 
+
+# ---------------------------------------------------------------------- landscape=True
+@pytest.mark.parametrize("seed", [0, 1])
+def test_landscape_second_differences_match_the_ritz_values(seed, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dl = double_loader(seed=seed)
+    monitor = HessianSpectrumMonitor(every_n_steps=2, probe=32, top_k=2, tol=1e-6, max_hvps=300, landscape=True,
+                                     landscape_every_n_steps=4, landscape_points=3, landscape_radius=1e-3)
+    exact = ExactAtEstimates(monitor, *dl.dataset.tensors)
+    seen = {}
+
+    class Keep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen[trainer.global_step - 1] = monitor.last_landscape
+
+    pl.seed_everything(seed, verbose=False)
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer(callbacks=[exact, monitor, Keep()], logger=logger, max_steps=5, max_epochs=None).fit(TinyNet().double(), dl)
+    assert seen[0] is not None and seen[1] is seen[0] and seen[4] is not seen[0]  # at steps 0 and 4 only
+    for step in (0, 4):
+        land, est = seen[step], exact.estimates[step]
+        H, g = exact.exact[step]
+        loss0 = land.loss0
+        assert land.line[1] == loss0 and land.plane[1, 1] == loss0  # θ itself: the probe loss, restored weights
+        h, k = float(land.t[2]), float(land.s[2])
+        assert float(land.line[0] - 2 * land.line[1] + land.line[2]) / h**2 == pytest.approx(est["hessian/eig_1"], rel=1e-4)
+        assert float(land.plane[1, 0] - 2 * land.plane[1, 1] + land.plane[1, 2]) / k**2 == pytest.approx(est["hessian/eig_2"], rel=1e-4)
+        assert land.eigenvalues == [est["hessian/eig_1"], est["hessian/eig_2"]]
+        evals, evecs = torch.linalg.eigh(H)  # the model's slopes are g·v (v up to sign)
+        for j, slope in enumerate(land.slopes):
+            assert abs(slope) == pytest.approx(abs(float(evecs[:, -1 - j] @ g)), rel=1e-4, abs=1e-8)
+    acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"images": 10})
+    acc.Reload()
+    assert [e.step for e in acc.Images("hessian/landscape")] == [0, 4]
+
+
+def test_bit_identical_training_with_landscape(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from tests.lightning_helpers import assert_identical_runs, fit_snapshot
+
+    model_kwargs = dict(batch_norm=True, dropout=0.3, momentum=0.9)
+    kw = dict(max_epochs=2, accumulate_grad_batches=2)
+    baseline = fit_snapshot(model_kwargs, [], logger=TensorBoardLogger(tmp_path, name="a"), **kw)
+    for probe in ("batch", 24):
+        monitor = HessianSpectrumMonitor(every_n_steps=1, top_k=2, probe=probe, landscape=True, landscape_points=5)
+        watched = fit_snapshot(model_kwargs, [monitor], logger=TensorBoardLogger(tmp_path, name=f"b{probe}"), **kw)
+        assert monitor.last_landscape is not None and monitor.last_landscape.plane.shape == (5, 5)
+        assert_identical_runs(baseline, watched)
+
+
+@pytest.mark.parametrize("kwargs", [dict(landscape=1), dict(landscape_points=4), dict(landscape_points=1), dict(landscape_points=5.0),
+                                    dict(landscape_radius=0.0), dict(landscape_radius=float("inf")),
+                                    dict(every_n_steps=2, landscape_every_n_steps=3)])
+def test_invalid_landscape_arguments(kwargs):
+    with pytest.raises(ValueError, match="HessianSpectrumMonitor: landscape"):
+        HessianSpectrumMonitor(**kwargs)
