@@ -268,3 +268,64 @@ def test_bit_identical_training_with_landscape(tmp_path):
 def test_invalid_landscape_arguments(kwargs):
     with pytest.raises(ValueError, match="HessianSpectrumMonitor: landscape"):
         HessianSpectrumMonitor(**kwargs)
+
+
+def test_resume_with_adam_continues_the_preconditioned_solve(tmp_path):
+    """The preconditioned solve's warm vector is checkpointed: a resumed run logs what an uninterrupted one does."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, save=False):
+        pl.seed_everything(0, verbose=False)
+        monitor = HessianSpectrumMonitor(every_n_steps=2, probe=16)
+        seen = {}
+
+        class Keep(pl.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if monitor._last_step == trainer.global_step - 1:
+                    seen[monitor._last_step] = dict(monitor.last_estimate)
+
+        cbs = [monitor, Keep()]
+        if save:
+            cbs.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+        t = trainer(callbacks=cbs, max_epochs=3, enable_checkpointing=save)
+        t.fit(TinyNet(optimizer="adam", lr=0.01).double(), double_loader(n=64, batch_size=16), ckpt_path=ckpt_path)
+        return seen
+
+    full = run(save=True)
+    resumed = run(ckpt_path=str(tmp_path / "epoch=0.ckpt"))
+    assert min(resumed) == 4 and "hessian/preconditioned_lambda_max" in resumed[4]
+    for step in resumed:
+        assert resumed[step] == full[step]
+
+
+def ddp_scenario(devices: int):
+    """Adam, a validation probe and a landscape: 2 ranks × 16 validation examples or 1 process × 32."""
+    pl.seed_everything(0, verbose=False)
+    train, val = double_loader(n=32, batch_size=32 // devices), double_loader(n=32, batch_size=32 // devices, seed=5)
+
+    class WithVal(ValNet):
+        def val_dataloader(self):
+            return val
+
+    model = WithVal(optimizer="adam", lr=0.01).double()
+    monitor = HessianSpectrumMonitor(every_n_steps=1, top_k=2, probe=32 // devices, split="val", tol=1e-6, max_hvps=300,
+                                     landscape=True, landscape_points=3)
+
+    def collect(trainer, model, callbacks):
+        land = callbacks[0].last_landscape
+        return {**callbacks[0].last_estimate, "line": land.line.tolist(), "plane": land.plane.flatten().tolist()}
+
+    return model, train, [monitor], collect, dict(max_steps=2, max_epochs=None, num_sanity_val_steps=0)
+
+
+@pytest.mark.ddp
+def test_ddp_two_shards_equal_single_process_on_union(tmp_path):
+    from tests.lightning_helpers import run_ddp
+
+    ranks = run_ddp("tests.callbacks.test_hessian_extras:ddp_scenario", tmp_path / "ddp", devices=2)
+    (single,) = run_ddp("tests.callbacks.test_hessian_extras:ddp_scenario", tmp_path / "single", devices=1)
+    assert ranks[0] == ranks[1]
+    for key in ("hessian/lambda_max", "hessian/eig_2", "hessian/batch_sharpness", "hessian/preconditioned_lambda_max"):
+        assert ranks[0][key] == pytest.approx(single[key], rel=1e-6), key
+    assert ranks[0]["line"] == pytest.approx(single["line"], rel=1e-9)
+    assert ranks[0]["plane"] == pytest.approx(single["plane"], rel=1e-9)
