@@ -23,6 +23,7 @@ from chaos_callbacks.curvature import (
     spectral_density,
 )
 from chaos_callbacks.curvature.lanczos import rounding_floor
+from chaos_callbacks.curvature.lr_rules import is_adam
 
 Method = Literal["lanczos", "power", "lyapunov"]
 WarmFormat = Literal["full", "half", "none"]
@@ -49,6 +50,9 @@ class HessianSpectrumMonitor(Callback):
     curvature ``‖Hg‖/‖g‖`` (Rosca et al. 2023), the batch sharpness ``gᵀHg/‖g‖²`` (Andreyev &
     Beneventano, arXiv 2412.20553: what mini-batch SGD holds at ``2/η``; both from one product ``Hg``
     on the probe gradient ``g``) and ``lr · λ_max`` (2 is the edge of stability, Cohen et al. 2021).
+    With Adam/AdamW it also estimates Adam's preconditioned sharpness (``preconditioned``);
+    ``split="val"`` estimates everything on a validation probe; ``landscape=True`` draws the loss
+    along the top eigenvectors.
 
     Args:
         every_n_steps: cadence in optimizer steps (an estimate runs when ``global_step`` is a
@@ -437,7 +441,7 @@ class HessianSpectrumMonitor(Callback):
     def _preconditioned(self, optimizer: Any, op: Any, metrics: dict[str, float], kw: dict[str, Any]) -> None:
         """Adam's preconditioned sharpness into ``metrics`` (nothing for other optimizers or before
         Adam's first step; an uncertified solve is warned and counted, the other quantities stay)."""
-        if not precond.is_adam(optimizer):
+        if not is_adam(optimizer):
             return
         init, self._precond_warm = (self._precond_warm if self.warm_start else None), None
         try:
