@@ -20,9 +20,7 @@ from torch.optim import Optimizer
 
 from chaos_callbacks.curvature import lanczos
 from chaos_callbacks.curvature.lanczos import MatVec
-from chaos_callbacks.curvature.lr_rules import adam_started, adam_threshold, is_adam, scaled_operator, step_scaling
-
-__all__ = ["PreconditionedTop", "is_adam", "preconditioned_top"]
+from chaos_callbacks.curvature.lr_rules import adam_started, adam_threshold, scaled_operator, step_scaling
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from chaos_callbacks.callbacks import _engine
+from chaos_callbacks.callbacks import _hessian_landscape as landscape_
 from chaos_callbacks.callbacks import _hessian_preconditioned as precond
 from chaos_callbacks.callbacks import _outputs
 from chaos_callbacks.callbacks import _plumbing as plumb
@@ -26,6 +27,7 @@ from chaos_callbacks.curvature import (
     spectral_density,
 )
 from chaos_callbacks.curvature.lanczos import rounding_floor
+from chaos_callbacks.curvature.lr_rules import is_adam
 
 Method = Literal["lanczos", "power", "lyapunov"]
 WarmFormat = Literal["full", "half", "none"]
@@ -53,6 +55,9 @@ class HessianSpectrumMonitor(Callback):
     curvature ``‖Hg‖/‖g‖`` (Rosca et al. 2023), the batch sharpness ``gᵀHg/‖g‖²`` (Andreyev &
     Beneventano, arXiv 2412.20553: what mini-batch SGD holds at ``2/η``; both from one product ``Hg``
     on the probe gradient ``g``) and ``lr · λ_max`` (2 is the edge of stability, Cohen et al. 2021).
+    With Adam/AdamW it also estimates Adam's preconditioned sharpness (``preconditioned``);
+    ``split="val"`` estimates everything on a validation probe; ``landscape=True`` draws the loss
+    along the top eigenvectors.
 
     Args:
         every_n_steps: cadence in optimizer steps (an estimate runs when ``global_step`` is a
@@ -143,6 +148,17 @@ class HessianSpectrumMonitor(Callback):
         output_fn: ``output_fn(module, batch) -> outputs`` (a tensor); with ``output_loss_fn``, the
             split of the loss for ``curvature="ggn"`` (the pair goes together and replaces ``loss_fn``).
         output_loss_fn: ``output_loss_fn(outputs, batch) -> scalar loss``.
+        landscape: also log a TensorBoard figure ``hessian/landscape``: the probe loss along ``±t·v₁``
+            and (``top_k ≥ 2``, Lanczos) over the ``v₁–v₂`` plane of the estimate's Ritz vectors, with
+            the quadratic model ``L₀ + t gᵀv + ½λt²`` overlaid (PyHessian's line; the plane as contours).
+            ``t`` spans ``±landscape_radius · sqrt(2|L₀|/|λ|)``, where ``½λt²`` alone equals the loss
+            (:mod:`chaos_callbacks.curvature.landscape`). It costs ``landscape_points`` (line) ``+
+            landscape_points²`` (plane) forwards of the probe; the weights are perturbed in place and
+            restored bit-exactly, the run's state as for every estimate. The last one is kept in
+            ``last_landscape``.
+        landscape_every_n_steps: its cadence, a multiple of ``every_n_steps`` (default: every estimate).
+        landscape_points: points per axis (odd, ≥ 3, so that ``t = 0`` is one of them).
+        landscape_radius: half-width of the range in units of ``sqrt(2|L₀|/|λ|)``.
         prefix: prepended to every tag this callback writes (``"probe_a/"`` → ``probe_a/hessian/...``),
             so that two instances can run side by side; two instances of one area with the same
             prefix are refused (identical ones by Lightning when the Trainer is built, others at fit start).
@@ -180,6 +196,10 @@ class HessianSpectrumMonitor(Callback):
         curvature: Curvature = "hessian",
         output_fn: _outputs.OutputFn | None = None,
         output_loss_fn: _outputs.OutputLossFn | None = None,
+        landscape: bool = False,
+        landscape_every_n_steps: int | None = None,
+        landscape_points: int = 15,
+        landscape_radius: float = 2.0,
         prefix: str = "",
     ) -> None:
         name = type(self).__name__
@@ -233,6 +253,18 @@ class HessianSpectrumMonitor(Callback):
         self.output_split = _check_split(name, self.curvature, self.loss_fn, output_fn, output_loss_fn)
         self._blocks_warm: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._block_skips: list[tuple[str, str]] = []
+        self.landscape = V.check_bool(name, "landscape", landscape)
+        landscape_every = V.check_int(name, "landscape_every_n_steps", landscape_every_n_steps, minimum=1, allow_none=True)
+        if landscape_every is not None and landscape_every % self.every_n_steps:
+            raise ValueError(f"{name}: landscape_every_n_steps must be a positive multiple of every_n_steps={every_n_steps}, "
+                             f"got {landscape_every_n_steps}")
+        self.landscape_every_n_steps = landscape_every or self.every_n_steps
+        self.landscape_points = V.check_int(name, "landscape_points", landscape_points, minimum=3)
+        if self.landscape_points % 2 == 0:
+            raise ValueError(f"{name}: landscape_points must be odd (t = 0 is the middle point), got {landscape_points}")
+        self.landscape_radius = V.check_float(name, "landscape_radius", landscape_radius, 0, low_open=True)
+        self._landscape_basis: landscape_.Basis | None = None
+        self.last_landscape: Any = None
         self._warn = plumb.WarnOnce(type(self).__name__)
         self._probe_batches: list[Any] | None = None
         self._warm_vectors: torch.Tensor | None = None
@@ -276,6 +308,7 @@ class HessianSpectrumMonitor(Callback):
             return
         self._last_step = step
         outcome = _engine.engine_for(trainer).estimate(self, trainer, pl_module, batch, batch_idx)
+        basis, self._landscape_basis = self._landscape_basis, None  # this estimate's directions, if it drew a landscape
         try:
             metrics, density = outcome.get()
         except Exception as exc:  # any failure inside a diagnostic: skip, warn once per kind, count, go on
@@ -297,6 +330,8 @@ class HessianSpectrumMonitor(Callback):
         metrics = self._in_area(metrics)
         self.last_estimate = metrics
         plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=(f"{self.AREA}/lambda_max",), prefix=self.tag_prefix)
+        if basis is not None:
+            self._log_landscape(trainer, pl_module, batch, batch_idx, basis, step)
 
     # ------------------------------------------------------------------ estimate
     def _curvature_due(self, trainer: Trainer, step: int) -> bool:
@@ -359,6 +394,8 @@ class HessianSpectrumMonitor(Callback):
             self._preconditioned(trainer.optimizers[0], op, metrics, kw)
         if self.blocks:
             metrics.update(self._block_estimates(trainer, shared, kw))
+        if self.landscape and trainer.global_step % self.landscape_every_n_steps == 0:
+            self._landscape_basis = self._basis(op, metrics)
         metrics["hessian/hvps"] = float(shared.num_matvecs)
         if not plumb.is_finite(*[v for v in metrics.values() if v is not None]):
             raise plumb.EstimateSkipped(f"non-finite estimate {metrics}")
@@ -459,7 +496,7 @@ class HessianSpectrumMonitor(Callback):
     def _preconditioned(self, optimizer: Any, op: Any, metrics: dict[str, float], kw: dict[str, Any]) -> None:
         """Adam's preconditioned sharpness into ``metrics`` (nothing for other optimizers or before
         Adam's first step; an uncertified solve is warned and counted, the other quantities stay)."""
-        if not precond.is_adam(optimizer):
+        if not is_adam(optimizer):
             return
         init, self._precond_warm = (self._precond_warm if self.warm_start else None), None
         try:
@@ -541,6 +578,32 @@ class HessianSpectrumMonitor(Callback):
         if self.AREA == "hessian":
             return metrics
         return {f"{self.AREA}/{k.removeprefix('hessian/')}" if k.startswith("hessian/") else k: v for k, v in metrics.items()}
+
+
+    def _basis(self, op: Any, metrics: dict[str, float]) -> landscape_.Basis | None:
+        """The estimate's directions for the landscape: the top two Ritz pairs (one without a second)."""
+        if self._warm_vectors is None:
+            return None
+        values = [metrics[k] for k in ("hessian/eig_1", "hessian/eig_2") if k in metrics]
+        values = values or [metrics.get("hessian/lambda_max", metrics.get("hessian/lambda_dominant"))]
+        vectors = self._warm_vectors[: len(values)]
+        slopes = (vectors.double() @ op.gradient.double()).tolist()
+        return landscape_.Basis(op.loss, values, vectors, slopes)
+
+    def _log_landscape(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                       basis: landscape_.Basis, step: int) -> None:
+        """Evaluate the landscape on the estimate's probe and log its figure (a failure is warned and counted)."""
+        batches = [batch] if self._probe_batches is None else [plumb.to_device(trainer, b) for b in self._probe_batches]
+        try:
+            self.last_landscape = landscape_.probe_landscape(trainer, pl_module, basis, batches, self.loss_fn, self.hessian_mode == "train",
+                                                             self.landscape_points, self.landscape_radius, batch_idx)
+        except Exception as exc:
+            self._warn("landscape", f"loss landscape skipped at step {step} ({type(exc).__name__}: {exc})")
+            return
+        from chaos_callbacks.plotting.hessian import landscape_figure
+
+        landscape = self.last_landscape
+        plumb.log_figure(trainer, f"{self.tag_prefix}{self.AREA}/landscape", lambda: landscape_figure(landscape), step)
 
 
 def _check_blocks(owner: str, blocks: Any) -> dict[str, re.Pattern[str]] | None:

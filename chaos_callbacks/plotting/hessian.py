@@ -8,6 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from chaos_callbacks.curvature import SpectralDensity
+from chaos_callbacks.curvature.landscape import Landscape
 
 #: The y-range spans at least ``MIN_DECADES`` and at most ``MAX_DECADES`` decades below the peak.
 MIN_DECADES, MAX_DECADES = 2, 8
@@ -48,5 +49,33 @@ def spectral_density_figure(density: SpectralDensity) -> Figure:
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     ax.set_title(f"Hessian spectral density ({density.num_matvecs} HVPs)")
+    fig.tight_layout()
+    return fig
+
+
+def landscape_figure(landscape: Landscape) -> Figure:
+    """The loss along ``±t·v₁`` with its quadratic model (PyHessian's view) and, when there is a plane,
+    filled contours of the loss over the ``v₁–v₂`` plane with the model's contours drawn over them."""
+    planar = landscape.plane is not None
+    fig, axes = plt.subplots(1, 2 if planar else 1, figsize=(9.5 if planar else 5, 3.6), dpi=100, squeeze=False)
+    ax = axes[0, 0]
+    t = landscape.t.numpy()
+    ax.plot(t, landscape.line.numpy(), label="loss")
+    ax.plot(t, landscape.line_model.numpy(), "--", label="quadratic model")
+    ax.set_xlabel("t (along v1)")
+    ax.set_ylabel("loss")
+    ax.set_title(f"along v1, lambda_1 = {landscape.eigenvalues[0]:.4g}")
+    ax.legend(fontsize=8)
+    if planar:
+        ax = axes[0, 1]
+        s = landscape.s.numpy()
+        plane, model = landscape.plane.numpy().T, landscape.plane_model.numpy().T  # rows: v2, columns: v1
+        levels = np.linspace(float(plane.min()), float(plane.max()), 15) if plane.max() > plane.min() else 15
+        filled = ax.contourf(t, s, plane, levels=levels, cmap="viridis")
+        ax.contour(t, s, model, levels=levels, colors="white", linestyles="dashed", linewidths=0.8)
+        fig.colorbar(filled, ax=ax, label="loss")
+        ax.set_xlabel("a (along v1)")
+        ax.set_ylabel("b (along v2)")
+        ax.set_title(f"v1-v2 plane, lambda_2 = {landscape.eigenvalues[1]:.4g} (dashed: model)")
     fig.tight_layout()
     return fig

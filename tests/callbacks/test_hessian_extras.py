@@ -209,3 +209,123 @@ def test_resume_keeps_the_val_probe(tmp_path):
         assert est == full.estimates[step]
         assert est["hessian/lambda_max"] == pytest.approx(float(resumed.exact[step][-1]), rel=1e-2)
 
+
+# ---------------------------------------------------------------------- landscape=True
+@pytest.mark.parametrize("seed", [0, 1])
+def test_landscape_second_differences_match_the_ritz_values(seed, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dl = double_loader(seed=seed)
+    monitor = HessianSpectrumMonitor(every_n_steps=2, probe=32, top_k=2, tol=1e-6, max_hvps=300, landscape=True,
+                                     landscape_every_n_steps=4, landscape_points=3, landscape_radius=1e-3)
+    exact = ExactAtEstimates(monitor, *dl.dataset.tensors)
+    seen = {}
+
+    class Keep(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen[trainer.global_step - 1] = monitor.last_landscape
+
+    pl.seed_everything(seed, verbose=False)
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer(callbacks=[exact, monitor, Keep()], logger=logger, max_steps=5, max_epochs=None).fit(TinyNet().double(), dl)
+    assert seen[0] is not None and seen[1] is seen[0] and seen[4] is not seen[0]  # at steps 0 and 4 only
+    for step in (0, 4):
+        land, est = seen[step], exact.estimates[step]
+        H, g = exact.exact[step]
+        loss0 = land.loss0
+        assert land.line[1] == loss0 and land.plane[1, 1] == loss0  # θ itself: the probe loss, restored weights
+        h, k = float(land.t[2]), float(land.s[2])
+        assert float(land.line[0] - 2 * land.line[1] + land.line[2]) / h**2 == pytest.approx(est["hessian/eig_1"], rel=1e-4)
+        assert float(land.plane[1, 0] - 2 * land.plane[1, 1] + land.plane[1, 2]) / k**2 == pytest.approx(est["hessian/eig_2"], rel=1e-4)
+        assert land.eigenvalues == [est["hessian/eig_1"], est["hessian/eig_2"]]
+        evals, evecs = torch.linalg.eigh(H)  # the model's slopes are g·v (v up to sign)
+        for j, slope in enumerate(land.slopes):
+            assert abs(slope) == pytest.approx(abs(float(evecs[:, -1 - j] @ g)), rel=1e-4, abs=1e-8)
+    acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"images": 10})
+    acc.Reload()
+    assert [e.step for e in acc.Images("hessian/landscape")] == [0, 4]
+
+
+def test_bit_identical_training_with_landscape(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from tests.lightning_helpers import assert_identical_runs, fit_snapshot
+
+    model_kwargs = dict(batch_norm=True, dropout=0.3, momentum=0.9)
+    kw = dict(max_epochs=2, accumulate_grad_batches=2)
+    baseline = fit_snapshot(model_kwargs, [], logger=TensorBoardLogger(tmp_path, name="a"), **kw)
+    for probe in ("batch", 24):
+        monitor = HessianSpectrumMonitor(every_n_steps=1, top_k=2, probe=probe, landscape=True, landscape_points=5)
+        watched = fit_snapshot(model_kwargs, [monitor], logger=TensorBoardLogger(tmp_path, name=f"b{probe}"), **kw)
+        assert monitor.last_landscape is not None and monitor.last_landscape.plane.shape == (5, 5)
+        assert_identical_runs(baseline, watched)
+
+
+@pytest.mark.parametrize("kwargs", [dict(landscape=1), dict(landscape_points=4), dict(landscape_points=1), dict(landscape_points=5.0),
+                                    dict(landscape_radius=0.0), dict(landscape_radius=float("inf")),
+                                    dict(every_n_steps=2, landscape_every_n_steps=3)])
+def test_invalid_landscape_arguments(kwargs):
+    with pytest.raises(ValueError, match="HessianSpectrumMonitor: landscape"):
+        HessianSpectrumMonitor(**kwargs)
+
+
+def test_resume_with_adam_continues_the_preconditioned_solve(tmp_path):
+    """The preconditioned solve's warm vector is checkpointed: a resumed run logs what an uninterrupted one does."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, save=False):
+        pl.seed_everything(0, verbose=False)
+        monitor = HessianSpectrumMonitor(every_n_steps=2, probe=16)
+        seen = {}
+
+        class Keep(pl.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if monitor._last_step == trainer.global_step - 1:
+                    seen[monitor._last_step] = dict(monitor.last_estimate)
+
+        cbs = [monitor, Keep()]
+        if save:
+            cbs.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+        t = trainer(callbacks=cbs, max_epochs=3, enable_checkpointing=save)
+        t.fit(TinyNet(optimizer="adam", lr=0.01).double(), double_loader(n=64, batch_size=16), ckpt_path=ckpt_path)
+        return seen
+
+    full = run(save=True)
+    resumed = run(ckpt_path=str(tmp_path / "epoch=0.ckpt"))
+    assert min(resumed) == 4 and "hessian/preconditioned_lambda_max" in resumed[4]
+    for step in resumed:
+        assert resumed[step] == full[step]
+
+
+def ddp_scenario(devices: int):
+    """Adam, a validation probe and a landscape: 2 ranks × 16 validation examples or 1 process × 32."""
+    pl.seed_everything(0, verbose=False)
+    train, val = double_loader(n=32, batch_size=32 // devices), double_loader(n=32, batch_size=32 // devices, seed=5)
+
+    class WithVal(ValNet):
+        def val_dataloader(self):
+            return val
+
+    model = WithVal(optimizer="adam", lr=0.01).double()
+    monitor = HessianSpectrumMonitor(every_n_steps=1, top_k=2, probe=32 // devices, split="val", tol=1e-6, max_hvps=300,
+                                     landscape=True, landscape_points=3)
+
+    def collect(trainer, model, callbacks):
+        land = callbacks[0].last_landscape
+        return {**callbacks[0].last_estimate, "line": land.line.tolist(), "plane": land.plane.flatten().tolist()}
+
+    return model, train, [monitor], collect, dict(max_steps=2, max_epochs=None, num_sanity_val_steps=0)
+
+
+@pytest.mark.ddp
+def test_ddp_two_shards_equal_single_process_on_union(tmp_path):
+    from tests.lightning_helpers import run_ddp
+
+    ranks = run_ddp("tests.callbacks.test_hessian_extras:ddp_scenario", tmp_path / "ddp", devices=2)
+    (single,) = run_ddp("tests.callbacks.test_hessian_extras:ddp_scenario", tmp_path / "single", devices=1)
+    assert ranks[0] == ranks[1]
+    for key in ("hessian/lambda_max", "hessian/eig_2", "hessian/batch_sharpness", "hessian/preconditioned_lambda_max"):
+        assert ranks[0][key] == pytest.approx(single[key], rel=1e-6), key
+    assert ranks[0]["line"] == pytest.approx(single["line"], rel=1e-9)
+    assert ranks[0]["plane"] == pytest.approx(single["plane"], rel=1e-9)
