@@ -108,7 +108,8 @@ def tags_of_a_run(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     run = trainer(callbacks=callbacks, logger=TensorBoardLogger(root, name="", version=0), max_epochs=3)
     run.fit(TinyNet(), loader())
     # what only Adam and a validation loader write: preconditioned sharpness, validation-split curvature
-    adam = [HessianSpectrumMonitor(every_n_steps=2, max_hvps=40), HessianSpectrumMonitor(every_n_steps=2, probe=16, split="val", max_hvps=40)]
+    adam = [HessianSpectrumMonitor(every_n_steps=2, top_k=2, max_hvps=40, landscape=True, landscape_points=3),
+            HessianSpectrumMonitor(every_n_steps=2, probe=16, split="val", max_hvps=40)]
     pl.seed_everything(0, verbose=False)
     run = trainer(callbacks=adam, logger=TensorBoardLogger(root, name="", version=1), max_epochs=2)
     run.fit(WithValidation(optimizer="adam", lr=0.01), loader(), loader())
@@ -127,7 +128,7 @@ def test_the_run_wrote_every_area(tags_of_a_run: set[str]):
                 "free/lyapunov/saturated", "tangent/lyapunov/hvps", "curvature_lr/lr", "diffusion/exponent",
                 "diffusion/loss_variance", "diffusion/msd", "grad_tail/alpha", "grad_tail/log10_abs_samples",
                 "hessian/first/lambda_max", "ggn/lambda_max", "ggn/last/lambda_max", "hessian/batch_sharpness",
-                "hessian/preconditioned_lambda_max", "val/hessian/lambda_max", "gradient_noise/b_simple"):  # fmt: skip
+                "hessian/preconditioned_lambda_max", "val/hessian/lambda_max", "gradient_noise/b_simple", "hessian/landscape"):  # fmt: skip
         assert tag in tags_of_a_run
     assert {tag.split("/")[-2] for tag in tags_of_a_run if len(tag.split("/")) == 2} == AREAS
 

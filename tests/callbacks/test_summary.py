@@ -247,6 +247,7 @@ def test_layout_charts_hold_one_quantity_each():
         "grad_tail/alpha", "grad_tail/blocks.0/alpha", "grad_tail/llr_gauss", "grad_tail/llr_student_t", "grad_tail/vuong_p",
         "grad_tail/vuong_p_student_t", "grad_tail/zero_fraction", "grad_tail/blocks.0/zero_fraction",
         "hessian/fc1/lambda_max", "hessian/fc1/lambda_min", "hessian/fc1/trace",
+        "gradient_noise/b_simple", "gradient_noise/b_simple_over_batch", "gradient_noise/trace_cov", "gradient_noise/grad_norm_sq",
     ]
     tags += [t.replace("hessian/", "ggn/", 1) for t in tags if t.startswith("hessian/")]  # curvature="ggn"
     charts = [(area, title, spec) for area, group in CUSTOM_SCALARS_LAYOUT.items() for title, spec in group.items()]

@@ -38,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from chaos_callbacks import (
     CurvatureLRScheduler,
     DiffusionTracker,
+    GradientNoiseScale,
     GradientTailFitter,
     HessianSpectrumMonitor,
     LyapunovTwinRun,
@@ -78,8 +79,11 @@ CALLBACKS: dict[str, tuple[Callable[..., Callback], tuple[str, ...]]] = {
     "C": (lambda **kw: CurvatureLRScheduler(**{"every_n_steps": 2, **kw}), ("curvature_lr/lr", "curvature_lr/lambda")),
     "D": (lambda **kw: DiffusionTracker(**{"window": 4, "dim": 64, "lags": 3, **kw}), ("diffusion/exponent",)),
     "G": (lambda **kw: GradientTailFitter(**{"every_n_steps": 2, **kw}), ("grad_tail/alpha",)),
+    "N": (lambda **kw: GradientNoiseScale(**{"every_n_steps": 1, **kw}), ("gradient_noise/b_simple",)),
+    "K": (lambda **kw: HessianSpectrumMonitor(**{"every_n_steps": 2, "curvature": "ggn", "blocks": {"weights": r"weight$"}, **kw}),
+          ("ggn/lambda_max",)),
 }
-MONITORS = ("H", "T", "D", "G")
+MONITORS = ("H", "T", "D", "G", "N", "K")
 
 
 @dataclass(frozen=True)
@@ -356,6 +360,8 @@ CELLS: list[Cell] = [
          "under accumulate_grad_batches=2", steps=4),
     Cell("lightning_transformer", "accumulate", ("C",), "curvature rate under accumulation: same course", steps=4),
     Cell("lightning_transformer", "clip_norm", ("T", "G"), "twin mirrors norm clipping"),
+    Cell("lightning_transformer", "accumulate", ("N",), "gradient noise scale from the accumulation micro-batches", steps=4),
+    Cell("lightning_transformer", "default", ("K",), "Gauss–Newton of nn.Transformer at forward's output, with a block"),
     # stock nn.TransformerEncoder language model, AdamW decay/no-decay groups
     Cell("encoder_lm", "default", ("H",), "nn.TransformerEncoderLayer (SDPA) × Hessian, train mode with dropout"),
     Cell("encoder_lm", "validation", ("H",), "eval-mode λ_max/λ_min on a fixed probe set vs dense float64 Hessian; "
@@ -378,6 +384,7 @@ CELLS: list[Cell] = [
     Cell("gan", "default", ("G",), "manual-optimization GAN: two optimizer steps per batch; each optimizer's gradients "
          "fitted at its own due steps, tags grad_tail/optimizer_<i>/...", tags=("grad_tail/optimizer_0/alpha", "grad_tail/optimizer_1/alpha")),
     Cell("gan", "default", ("D",), "manual-optimization GAN: loss from g_loss/d_loss logs or outputs", steps=8),
+    Cell("gan", "default", ("N",), "manual-optimization GAN, gradient noise of a loss_fn", options={"N": {"loss_fn": zoo.gan_discriminator_loss}}),
     Cell("gan", "default", ("C",), "refused: ValueError naming CurvatureLRScheduler (two optimizers) before the first step",
          options={"C": {"loss_fn": zoo.gan_discriminator_loss}}, refused="CurvatureLRScheduler.*optimizer"),
     # the list-collecting module (re-running training_step must not touch its lists, counter, generator)
@@ -386,6 +393,7 @@ CELLS: list[Cell] = [
     Cell("collecting", "default", ("C",), "same course as without it: steps, RNG, list lengths, generator state"),
     Cell("collecting", "clip_value", ("T",), "twin mirrors value clipping"),
     Cell("collecting", "bf16", ("H", "D", "G"), "bf16-mixed: curvature, weights and gradients in float32"),
+    Cell("collecting", "bf16", ("N",), "gradient noise scale under bf16-mixed; lists, counter and generator untouched"),
     Cell("linear", "clip_value", ("T",), "64-true, clip 0.5: ln d(t) = exact float64 simulation of clamped main and twin steps",
          options={"T": {"renormalize_every": 4}}, trainer_kwargs={"precision": "64-true", "gradient_clip_val": 0.5},
          steps=8, capture=(0,), extra=_twin_with_start, exact=check_linear_twin_clipping),
@@ -493,7 +501,7 @@ def test_cell(cell: Cell, tmp_path: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 DDP_CELLS = {
-    "collecting-ddp-H+T+D+G": ("monitors", MONITORS, "2 processes: headline values identical on both ranks; each rank's run "
+    "collecting-ddp-H+T+D+G": ("monitors", ("H", "T", "D", "G"), "2 processes: headline values identical on both ranks; each rank's run "
                             "bit-identical to its run without the monitors"),
     "collecting-ddp-C": ("curvature_lr", ("C",), "2 processes: the same rate on both ranks; same course as without it"),
 }
