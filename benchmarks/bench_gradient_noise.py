@@ -1,16 +1,17 @@
-"""Cost of GradientNoiseScale's extra pass: per-example gradients (torch.func) vs micro-batches.
+"""Cost of GradientNoiseScale's extra pass: halves, per-example gradients (torch.func), micro-batches.
 
 Without DDP or gradient accumulation the callback needs an extra pass over the step's batch to get
-gradients at two batch sizes: per-example gradients with ``torch.func`` (``vmap(grad)``,
-``chunk_size`` examples per call; B_small = 1) or ``num_micro_batches`` slices of the batch, one
+gradients at two batch sizes: one forward/backward on the batch's first half, set against the step's
+own gradient (``"halves"``); per-example gradients with ``torch.func`` (``vmap(grad)``,
+``chunk_size`` examples per call; B_small = 1); or ``num_micro_batches`` slices of the batch, one
 forward/backward each. For each model and batch size (random MNIST-shaped data, cross entropy,
 float32, one thread) the table gives the median wall time of one training step (forward, backward,
 SGD update), of one estimate by each path (the callback's own code, inside ``no_harm``) and their
 ratio to the step, and the relative standard deviation of the per-step tr Σ estimate over
 ``--batches`` random batches at fixed weights (the statistical precision one estimate buys). The
-last column is the cost of equal precision: (time × variance) of micro-batches over per-example;
-above 1 per-example is cheaper for the same error bars. ``source="auto"`` picks the cheaper path
-(``AUTO_EXTRA_PASS`` in ``chaos_callbacks/callbacks/gradient_noise.py``).
+last columns are the cost of equal precision, (time × variance) over per-example's: above 1
+per-example is cheaper for the same error bars. ``source="auto"`` takes ``"halves"`` (the cheapest
+per estimate; the moving averages pool estimates) under automatic optimization, per-example otherwise.
 
 Run from the repository root:
     .venv/bin/python -m benchmarks.bench_gradient_noise [--batch-sizes 32 128] [--repeats 7] [--batches 30]
@@ -90,24 +91,37 @@ def row(name: str, batch: int, repeats: int, batches: int, micro: int, chunk: in
         module.training_step(data[0], 0).backward()
         optimizer.step()
 
-    def pass_of(kind: str, b: Any) -> Pieces:
+    def pass_of(kind: str, b: Any) -> Any:
+        if kind == "halves":
+            return callback._first_half(module, b, 0, 0)
         with plumb.no_harm(module, train_mode=None):
             if kind == "per_example":
                 return callback._per_example(module, b, 0, batch)
             return callback._micro_batches(module, b, 0, batch, min(micro, batch))
 
+    def pieces_of(kind: str, b: Any) -> Pieces:
+        if kind != "halves":
+            return pass_of(kind, b)
+        first = pass_of(kind, b)
+        optimizer.zero_grad()
+        module.training_step(b, 0).backward()  # the step's own gradient (not timed: the step takes it anyway)
+        return callback._halves(module, first, 1.0)
+
     out: list[Any] = [NAMES[name], sum(p.numel() for p in module.parameters()), batch]
     step_ms = median_ms(step, repeats)
     out.append(step_ms)
     cost = {}
-    for kind in ("per_example", "micro_batches"):
+    for kind in KINDS:
         ms = median_ms(lambda: pass_of(kind, data[0]), repeats)
-        traces = torch.tensor([estimate(pass_of(kind, b)) for b in data])
+        traces = torch.tensor([estimate(pieces_of(kind, b)) for b in data])
         rel_sd = float(traces.std() / traces.mean())
         cost[kind] = ms * rel_sd**2
         out += [ms, ms / step_ms, rel_sd]
-    out.append(cost["micro_batches"] / cost["per_example"])
+    out += [cost["halves"] / cost["per_example"], cost["micro_batches"] / cost["per_example"]]
     return out
+
+
+KINDS = ("halves", "per_example", "micro_batches")
 
 
 def main() -> None:
@@ -123,8 +137,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     quiet_lightning()
     rows = [row(m, b, args.repeats, args.batches, args.micro_batches, args.chunk_size) for m in args.models for b in args.batch_sizes]
-    headers = ["model", "params", "batch", "step ms", "per-example ms", "× step", "rel. sd tr Σ",
-               f"{args.micro_batches} micro-batches ms", "× step", "rel. sd tr Σ", "equal-precision cost micro / per-example"]
+    headers = ["model", "params", "batch", "step ms", "halves ms", "× step", "rel. sd tr Σ", "per-example ms", "× step",
+               "rel. sd tr Σ", f"{args.micro_batches} micro-batches ms", "× step", "rel. sd tr Σ",
+               "equal-precision cost halves / per-example", "micro / per-example"]
     print(markdown_table(headers, rows))
 
 

@@ -17,15 +17,16 @@ from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks._validation import check_callable, check_choice, check_float, check_int, check_prefix
 from chaos_callbacks.dynamics.noise_scale import NoiseEstimate, NoiseScaleSmoother, two_batch_estimate
 
-Source = Literal["auto", "ddp", "accumulation", "per_example", "micro_batches"]
-SOURCES: tuple[str, ...] = ("auto", "ddp", "accumulation", "per_example", "micro_batches")
+Source = Literal["auto", "ddp", "accumulation", "halves", "per_example", "micro_batches"]
+SOURCES: tuple[str, ...] = ("auto", "ddp", "accumulation", "halves", "per_example", "micro_batches")
 #: The extra pass ``source="auto"`` runs without DDP or accumulation. benchmarks/bench_gradient_noise.py
-#: (one CPU thread, batches of 32 and 128): per-example costs 1.7-2.1 training steps on a small CNN and
-#: 12-31 on a 784-256-10 MLP (it writes batch × parameters gradient entries), 8 micro-batches 1.5-2.5 and
-#: 5.5-9.2. Per-example estimates are more precise (B_small = 1: the most degrees of freedom), so for the
-#: same error bars per-example is 70-400× cheaper on the CNN and within a factor 2 of micro-batches on the
-#: MLP (0.5-1.1×, run to run). It falls back to ``"micro_batches"`` when torch.func cannot run the loss
-#: per example.
+#: (one CPU thread, batches of 32 and 128, training step = 1): ``"halves"`` costs 0.9-1.2 steps on a
+#: 784-256-10 MLP and 0.5-0.6 on a small CNN, per-example 24-30 and 1.6-1.8, 8 micro-batches 5.7-7.5 and
+#: 1.3-2.1. One estimate from two halves is the noisiest (relative sd of tr Σ 0.03-0.04 on the MLP,
+#: 0.4 on the CNN, against 0.01-0.02 per example), which the moving averages pool over ~19 estimates
+#: at the default smoothing; so ``"auto"`` takes ``"halves"`` (bounded cost, ≈ 5 % at every 20 steps)
+#: under automatic optimization, and per-example gradients under manual optimization (no step
+#: gradient to read), falling back to ``"micro_batches"`` when torch.func cannot run the loss.
 AUTO_EXTRA_PASS = "per_example"
 _OWNER = "GradientNoiseScale"
 
@@ -109,7 +110,11 @@ class GradientNoiseScale(Callback):
       over its backward (read in ``on_after_backward``, divided by the AMP loss scale; one copy of
       ``.grad`` kept between backwards), and the accumulated gradient is their equal-weight mean.
       Under DDP, non-final micro-batches are not all-reduced but the last is: refused there.
-    - ``"per_example"`` (``"auto"`` otherwise): an extra pass computing the per-example gradients
+    - ``"halves"`` (``"auto"`` otherwise, under automatic optimization): the step's own gradient
+      (``.grad`` at ``on_before_optimizer_step``, before clipping and unscaled) against the gradient
+      of the first half of its batch, from one extra forward/backward on that half; the second
+      half's gradient is ``(B G_B − B₁ G₁)/B₂``. About half a training step per estimate.
+    - ``"per_example"`` (``"auto"`` under manual optimization): an extra pass computing the per-example gradients
       of the step's batch with ``torch.func`` (``functional_call`` + ``vmap(grad)``, dropout masks
       drawn per example), ``chunk_size`` examples at a time (B_small = 1: the unbiased sample
       covariance). If torch.func cannot run the loss (data-dependent Python control flow, a
@@ -118,10 +123,11 @@ class GradientNoiseScale(Callback):
     - ``"micro_batches"``: an extra pass over ``num_micro_batches`` contiguous slices of the batch
       (sizes differing by at most one), one forward/backward each.
 
-    Cost: an extra pass is one forward/backward per micro-batch or a ``vmap`` over the batch, about
-    2-30 training steps per estimate on the CPU (``benchmarks/bench_gradient_noise.py``), hence the
-    default cadence of 20 steps; the ``"accumulation"`` source costs two copies of ``.grad`` per
-    micro-batch and no pass.
+    Cost: ``"halves"`` about half a training step per estimate (≈ 3 % at the default cadence of 20
+    steps); the other extra passes one forward/backward per micro-batch or a ``vmap`` over the batch,
+    about 2-30 training steps per estimate on the CPU (``benchmarks/bench_gradient_noise.py``); the
+    ``"accumulation"`` source costs two copies of ``.grad`` per micro-batch and no pass. Per estimate,
+    two halves give a noisier tr Σ than B examples; the moving averages pool many estimates.
 
     Extra passes re-run the user's loss (``loss_fn`` or ``training_step``) on a shadow of the module
     inside ``no_harm`` (RNG, buffers, metric states and train/eval flags restored, autocast off,
@@ -148,7 +154,7 @@ class GradientNoiseScale(Callback):
 
     Args:
         every_n_steps: an estimate every this many optimizer steps (``global_step`` multiples).
-        source: ``"auto"``, ``"ddp"``, ``"accumulation"``, ``"per_example"`` or
+        source: ``"auto"``, ``"ddp"``, ``"accumulation"``, ``"halves"``, ``"per_example"`` or
             ``"micro_batches"`` (above). Checked against the Trainer at fit start.
         num_micro_batches: slices of the batch for ``"micro_batches"`` (at most the batch size).
         chunk_size: examples per ``vmap`` call for ``"per_example"``; memory: this many
@@ -184,6 +190,7 @@ class GradientNoiseScale(Callback):
         self.last_raw: NoiseEstimate | None = None  #: the last step's unsmoothed estimate
         self.last_estimate: dict[str, float] = {}  #: the last logged values
         self._accumulation: _Accumulation | None = None
+        self._half: tuple[int, Tensor, int, int] | None = None  # (step, G₁, B₁, B) between the two hooks of "halves"
         self._done_step: int | None = None
 
     @functools.cached_property  # Lightning reads it at every hook call; the settings it names are fixed
@@ -211,11 +218,18 @@ class GradientNoiseScale(Callback):
                                  "gradient is all-reduced, the others are not); use source='ddp' or 'auto'")
             if accumulate < 2:
                 raise ValueError(f"{_OWNER}: source='accumulation' needs Trainer(accumulate_grad_batches >= 2), got {accumulate}")
+        automatic = trainer.lightning_module.automatic_optimization
+        if self.source == "halves" and (ddp or accumulate > 1 or not automatic):
+            raise ValueError(f"{_OWNER}: source='halves' reads the step's own gradient, so it needs one process, no gradient "
+                             f"accumulation and automatic optimization (world_size={trainer.world_size}, accumulate_grad_batches="
+                             f"{accumulate}, automatic_optimization={automatic}); use source='auto'")
         if self.source != "auto":
             return self.source
         if ddp:
             return "ddp"
-        return "accumulation" if accumulate > 1 else AUTO_EXTRA_PASS
+        if accumulate > 1:
+            return "accumulation"
+        return "halves" if automatic else AUTO_EXTRA_PASS
 
     def _due(self, trainer: Trainer) -> bool:
         return trainer.global_step % self.every_n_steps == 0
@@ -234,6 +248,9 @@ class GradientNoiseScale(Callback):
         if self._done_step == step:  # a later micro-batch of the same step
             return
         self._done_step = step
+        if self.source_in_use == "halves":
+            self._half = self._first_half(pl_module, batch, batch_idx, step)
+            return
         try:
             pieces = self._extra_pass(trainer, pl_module, batch, batch_idx)
             examples = pieces.examples * trainer.accumulate_grad_batches
@@ -259,6 +276,11 @@ class GradientNoiseScale(Callback):
 
     @plumb.contain_failures("gradient_noise")
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self.source_in_use == "halves":
+            half, self._half = self._half, None
+            if half is not None and half[0] == trainer.global_step:
+                self._record(trainer, pl_module, self._halves(pl_module, half, self._loss_scale(trainer)), half[3])
+            return
         acc = self._accumulation
         if self.source_in_use != "accumulation" or acc is None or acc.step != trainer.global_step:
             return
@@ -280,6 +302,30 @@ class GradientNoiseScale(Callback):
         """The AMP GradScaler's scale (``.grad`` is scaled until the optimizer step), else 1."""
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         return 1.0 if scaler is None else float(scaler.get_scale())
+
+    # ------------------------------------------------------------------ halves
+    def _first_half(self, pl_module: LightningModule, batch: Any, batch_idx: int, step: int) -> tuple[int, Tensor, int, int]:
+        """The gradient G₁ of the batch's first half (one forward/backward on it, inside ``no_harm``)."""
+        size = plumb.batch_size_of(batch)
+        if size < 2:
+            raise plumb.EstimateSkipped(f"a batch of {size} example cannot be split")
+        params = plumb.trainable_parameters(pl_module)
+        half = size // 2
+        with plumb.no_harm(pl_module, train_mode=None):
+            loss = plumb.compute_loss(pl_module, slice_batch(batch, 0, half), self.loss_fn, batch_idx)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return step, _flat([torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]), half, size
+
+    @staticmethod
+    def _halves(pl_module: LightningModule, half: tuple[int, Tensor, int, int], loss_scale: float) -> Pieces:
+        """The two halves against the step's gradient G_B: G₂ = (B G_B − B₁ G₁)/B₂ (a mean loss)."""
+        _, first, b1, size = half
+        params = plumb.trainable_parameters(pl_module)
+        big = _flat([torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]) / loss_scale
+        b2 = size - b1
+        second = (big * size - first * b1) / b2
+        small_sq = float(first.double().pow(2).sum() + second.double().pow(2).sum())
+        return Pieces(small_sq, 2, 1.0 / b1 + 1.0 / b2, big, 1.0 / size, size)
 
     # ------------------------------------------------------------------ extra pass
     def _extra_pass(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> Pieces:

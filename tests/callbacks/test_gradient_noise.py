@@ -121,7 +121,8 @@ def test_per_example_and_micro_batches_on_the_whole_set_give_the_exact_value(see
     singletons = GradientNoiseScale(every_n_steps=1, source="micro_batches", num_micro_batches=n, prefix="single/")
     quarters = GradientNoiseScale(every_n_steps=1, source="micro_batches", num_micro_batches=4, prefix="quarter/")
     fifths = GradientNoiseScale(every_n_steps=1, source="micro_batches", num_micro_batches=5, prefix="fifth/")
-    runs = {cb: recorded(cb) for cb in (per_example, singletons, quarters, fifths)}
+    halves = GradientNoiseScale(every_n_steps=1, prefix="half/")  # auto: the step's gradient against its first half
+    runs = {cb: recorded(cb) for cb in (per_example, singletons, quarters, fifths, halves)}
     model = fit(list(runs), data, batch_size=n, max_epochs=2, model=LinReg(seed=seed))
     g = per_example_gradients(model, data)
     grad_sq, trace = exact_values(g)
@@ -135,7 +136,20 @@ def test_per_example_and_micro_batches_on_the_whole_set_give_the_exact_value(see
         assert_estimate(got, formula(g, [list(range(i, i + 6)) for i in range(0, n, 6)]))
     for got in runs[fifths]:
         assert_estimate(got, formula(g, bounds))
-    assert per_example.source_in_use == "per_example"
+    for got in runs[halves]:
+        assert_estimate(got, formula(g, [list(range(n // 2)), list(range(n // 2, n))]))
+    assert per_example.source_in_use == "per_example" and halves.source_in_use == "halves"
+
+
+def test_halves_of_an_odd_batch_are_weighted_by_their_sizes():
+    data = regression_data(5, 25)
+    cb = GradientNoiseScale(every_n_steps=1, source="halves")
+    seen = recorded(cb)
+    model = fit([cb], data, batch_size=25, max_epochs=2, model=LinReg(seed=5))
+    g = per_example_gradients(model, data)
+    assert len(seen) == 2
+    for got in seen:
+        assert_estimate(got, formula(g, [list(range(12)), list(range(12, 25))]))
 
 
 @pytest.mark.parametrize("n", [36, 34])
@@ -184,7 +198,8 @@ def test_accumulation_follows_the_weights_as_they_move():
 @pytest.mark.parametrize("seed", range(2))
 @pytest.mark.parametrize(
     ("source", "batch_size", "kwargs", "trainer_kwargs"),
-    [("per_example", 8, {}, {}), ("micro_batches", 8, {"num_micro_batches": 4}, {}), ("auto", 2, {}, {"accumulate_grad_batches": 4})],
+    [("per_example", 8, {}, {}), ("micro_batches", 8, {"num_micro_batches": 4}, {}), ("halves", 8, {}, {}),
+     ("auto", 2, {}, {"accumulate_grad_batches": 4})],
 )
 def test_estimates_are_unbiased_for_the_exact_value(seed, source, batch_size, kwargs, trainer_kwargs):
     """Fixed weights, 8 examples per step drawn with replacement, 500 steps: the mean estimate of
@@ -266,7 +281,7 @@ def _ce(module, batch):
 @pytest.mark.parametrize(
     ("model_kwargs", "callback_kwargs", "trainer_kwargs", "source"),
     [
-        ({"dropout": 0.2, "batch_norm": True}, {}, {}, "micro_batches"),  # auto: torchmetrics stops torch.func
+        ({"dropout": 0.2, "batch_norm": True}, {}, {}, "halves"),  # auto without DDP or accumulation
         ({"dropout": 0.3}, {"source": "per_example", "loss_fn": _ce, "chunk_size": 5}, {}, "per_example"),
         ({"batch_norm": True, "momentum": 0.9}, {"source": "micro_batches", "num_micro_batches": 3}, {}, "micro_batches"),
         ({"dropout": 0.2, "optimizer": "adam"}, {}, {"accumulate_grad_batches": 2}, "accumulation"),
@@ -334,6 +349,7 @@ def test_numpy_numbers_are_accepted():
     [
         ({"source": "ddp"}, {}, "source='ddp' needs several processes"),
         ({"source": "accumulation"}, {}, "accumulate_grad_batches >= 2"),
+        ({"source": "halves"}, {"accumulate_grad_batches": 2}, "source='halves' reads the step's own gradient"),
     ],
 )
 def test_sources_that_cannot_work_are_refused_at_fit_start(callback_kwargs, trainer_kwargs, match):
@@ -427,3 +443,37 @@ def test_ddp_local_and_per_example_paths_are_exact(tmp_path):
     logged = ranks[0]["logged"]
     assert logged == ranks[1]["logged"]
     assert logged["gradient_noise/b_simple_over_batch"] == pytest.approx(logged["gradient_noise/b_simple"] / 8)
+
+
+class ManualTinyNet(TinyNet):
+    """Manual optimization: ``training_step`` steps the optimizer itself (no ``.grad`` to read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+def _masked_ce(module, batch):
+    """A loss torch.func cannot vmap (a data-dependent boolean mask)."""
+    x, y = batch
+    keep = y >= 0
+    return nn.functional.cross_entropy(module(x)[keep], y[keep])
+
+
+def test_manual_optimization_uses_per_example_gradients_and_falls_back_to_micro_batches():
+    plain = GradientNoiseScale(every_n_steps=1, loss_fn=_ce)
+    trainer(callbacks=[plain], max_steps=6).fit(ManualTinyNet(), loader())
+    assert plain.source_in_use == "per_example" and plain.last_estimate["gradient_noise/b_simple"] > 0
+    masked = GradientNoiseScale(every_n_steps=1, loss_fn=_masked_ce)
+    with pytest.warns(UserWarning, match="source='auto' uses 'micro_batches' from now on"):
+        trainer(callbacks=[masked], max_steps=6).fit(ManualTinyNet(), loader())
+    assert masked.source_in_use == "micro_batches" and masked.last_estimate["gradient_noise/b_simple"] > 0
+    with pytest.raises(ValueError, match="source='halves'"):
+        trainer(callbacks=[GradientNoiseScale(source="halves", loss_fn=_ce)], max_steps=1).fit(ManualTinyNet(), loader())
