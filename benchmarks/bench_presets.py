@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 import warnings
 
-from benchmarks.bench_scale import BATCH, build_model, lightning_task, random_loader
+from benchmarks.bench_scale import build_model, lightning_task, random_loader
 from benchmarks.common import fmt, markdown_table, quiet_lightning, save_report
 
 MODELS = ("mlp", "cnn", "gpt2")
-SIZE = {"mlp": 1e5, "cnn": 1e5, "gpt2": 1e5}
+SIZE = {"mlp": 1e6, "cnn": 1e6, "gpt2": 1e6}
+BATCH_SIZE = {"mlp": 128, "cnn": 64, "gpt2": 8}
 
 
 def train(kind: str, steps: int, callbacks: list) -> float:
@@ -32,9 +34,9 @@ def train(kind: str, steps: int, callbacks: list) -> float:
     import lightning.pytorch as pl
 
     net, batch, _ = build_model(kind, int(SIZE[kind]))
-    loader = random_loader(batch, BATCH[kind] * 2, steps)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    loader = random_loader(batch, BATCH_SIZE[kind], steps)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks, default_root_dir=tempfile.mkdtemp())
     start = time.process_time()
     trainer.fit(lightning_task(net), loader)
     return time.process_time() - start
@@ -45,8 +47,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: mlp, cnn, gpt2")
     parser.add_argument("--tiers", default="economy,business,full")
     parser.add_argument("--cadences", default="16,64", help="comma-separated every_n_steps values")
-    parser.add_argument("--steps", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     import torch
 

@@ -4,17 +4,20 @@ Cockpit (Schneider et al., NeurIPS 2021) groups its quantities into *economy*, *
 configurations by cost; these tiers do the same for the instruments here, at a cadence ``every_n_steps``
 (default 16, Cockpit's published setting):
 
-* ``"economy"`` — first-order only: :class:`~chaos_callbacks.GradientNoiseScale` and
-  :class:`~chaos_callbacks.GradientTailFitter` every ``every_n_steps`` steps.
+* ``"economy"`` — first-order only: :class:`~chaos_callbacks.GradientNoiseScale` every
+  ``every_n_steps`` steps and :class:`~chaos_callbacks.GradientTailFitter` (pooled entries) every
+  ``4 × every_n_steps``.
 * ``"business"`` — economy, plus :class:`~chaos_callbacks.HessianSpectrumMonitor` (``λ_max``, batch
-  sharpness, ``‖Hg‖/‖g‖``; no ``λ_min``) every ``4 × every_n_steps`` and
+  sharpness, ``‖Hg‖/‖g‖``; no ``λ_min``) every ``16 × every_n_steps`` and
   :class:`~chaos_callbacks.DiffusionTracker` sampling the weights every ``every_n_steps`` (windows of
   20 samples).
-* ``"full"`` — every instrument: the monitor every ``every_n_steps`` with the top 3 eigenvalues,
-  ``λ_min`` and the trace, the tracker at every step (windows of ``10 × every_n_steps``), and
-  :class:`~chaos_callbacks.LyapunovTwinRun`
-  (a twin run: about twice the training cost).
+* ``"full"`` — every instrument: the noise scale and per-layer tails every ``every_n_steps``, the
+  monitor every ``4 × every_n_steps`` with the top 3 eigenvalues and the trace (``λ_min`` every
+  ``40 ×``), the tracker at every step (windows of ``10 × every_n_steps``), and
+  :class:`~chaos_callbacks.LyapunovTwinRun` (a twin run: about twice the training cost).
 
+The multiples follow what one estimate costs (``benchmarks/bench_presets.py``): a warm ``λ_max``
+about 10–80 training steps of a small model on a CPU, a tail fit ~10, a noise-scale estimate ~1–3.
 Each tier ends with :class:`~chaos_callbacks.ChaosSummary`. ``benchmarks/bench_presets.py`` measures
 their overhead; ``configs/preset_<tier>.yaml`` are the same tiers for ``chaos-train``.
 """
@@ -29,23 +32,24 @@ TIERS = ("economy", "business", "full")
 def tier_arguments(tier: str, every_n_steps: int = 16) -> dict[str, dict[str, Any]]:
     """The callbacks of ``tier`` by class name, each with its constructor arguments, in Trainer order."""
     c = every_n_steps
-    economy: dict[str, dict[str, Any]] = {
-        "GradientNoiseScale": {"every_n_steps": c},
-        "GradientTailFitter": {"every_n_steps": c},
-    }
     if tier == "economy":
-        tiers = economy
+        tiers: dict[str, dict[str, Any]] = {
+            "GradientNoiseScale": {"every_n_steps": c},
+            "GradientTailFitter": {"every_n_steps": 4 * c, "per_layer": False},
+        }
     elif tier == "business":
         tiers = {
-            **economy,
-            "HessianSpectrumMonitor": {"every_n_steps": 4 * c, "lambda_min": False},
+            "GradientNoiseScale": {"every_n_steps": c},
+            "GradientTailFitter": {"every_n_steps": 4 * c, "per_layer": False},
+            "HessianSpectrumMonitor": {"every_n_steps": 16 * c, "lambda_min": False},
             "DiffusionTracker": {"every_n_steps": c, "window": 20},
         }
     else:
         tiers = {
-            **economy,
-            "HessianSpectrumMonitor": {"every_n_steps": c, "top_k": 3, "lambda_min": True,
-                                       "lambda_min_every_n_steps": 10 * c, "trace": True},
+            "GradientNoiseScale": {"every_n_steps": c},
+            "GradientTailFitter": {"every_n_steps": c},
+            "HessianSpectrumMonitor": {"every_n_steps": 4 * c, "top_k": 3, "lambda_min": True,
+                                       "lambda_min_every_n_steps": 40 * c, "trace": True},
             "DiffusionTracker": {"every_n_steps": 1, "window": 10 * c},
             "LyapunovTwinRun": {},
         }
@@ -57,7 +61,7 @@ def preset(tier: str, every_n_steps: int = 16, **overrides: dict[str, Any] | Non
 
     Args:
         tier: ``"economy"``, ``"business"`` or ``"full"``.
-        every_n_steps: the tier's cadence (the Hessian monitor of ``"business"`` runs at four times it).
+        every_n_steps: the tier's cadence (the costlier instruments run at multiples of it, above).
         **overrides: per callback class name, arguments that replace or add to the tier's
             (``HessianSpectrumMonitor={"top_k": 2}``), or ``None`` to leave that callback out
             (``LyapunovTwinRun=None``). A name not in the tier adds that callback.
