@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: mlp, cnn, gpt2")
     parser.add_argument("--tiers", default="economy,business,full")
     parser.add_argument("--cadences", default="16,64", help="comma-separated every_n_steps values")
-    parser.add_argument("--steps", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     import torch

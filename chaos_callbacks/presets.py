@@ -6,18 +6,20 @@ configurations by cost; these tiers do the same for the instruments here, at a c
 
 * ``"economy"`` — first-order only: :class:`~chaos_callbacks.GradientNoiseScale` every
   ``every_n_steps`` steps and :class:`~chaos_callbacks.GradientTailFitter` (pooled entries) every
-  ``4 × every_n_steps``.
+  ``8 × every_n_steps``.
 * ``"business"`` — economy, plus :class:`~chaos_callbacks.HessianSpectrumMonitor` (``λ_max``, batch
-  sharpness, ``‖Hg‖/‖g‖``; no ``λ_min``) every ``16 × every_n_steps`` and
+  sharpness, ``‖Hg‖/‖g‖``; no ``λ_min``) every ``32 × every_n_steps`` and
   :class:`~chaos_callbacks.DiffusionTracker` sampling the weights every ``every_n_steps`` (windows of
   20 samples).
-* ``"full"`` — every instrument: the noise scale and per-layer tails every ``every_n_steps``, the
-  monitor every ``4 × every_n_steps`` with the top 3 eigenvalues and the trace (``λ_min`` every
+* ``"full"`` — every instrument: the noise scale every ``every_n_steps``, per-layer tails every
+  ``2 ×``, the monitor every ``4 ×`` with the top 3 eigenvalues and the trace (``λ_min`` every
   ``40 ×``), the tracker at every step (windows of ``10 × every_n_steps``), and
   :class:`~chaos_callbacks.LyapunovTwinRun` (a twin run: about twice the training cost).
 
-The multiples follow what one estimate costs (``benchmarks/bench_presets.py``): a warm ``λ_max``
-about 10–80 training steps of a small model on a CPU, a tail fit ~10, a noise-scale estimate ~1–3.
+The multiples follow what one estimate costs, in training steps of a 10⁶-parameter MLP on one CPU
+thread (batch 128): a noise-scale estimate ~2, a pooled tail fit ~7, a certified ``λ_max`` 25–130
+(27–55 products on a tanh MLP with random labels, fewer on real data).
+
 Each tier ends with :class:`~chaos_callbacks.ChaosSummary`. ``benchmarks/bench_presets.py`` measures
 their overhead; ``configs/preset_<tier>.yaml`` are the same tiers for ``chaos-train``.
 """
@@ -35,19 +37,19 @@ def tier_arguments(tier: str, every_n_steps: int = 16) -> dict[str, dict[str, An
     if tier == "economy":
         tiers: dict[str, dict[str, Any]] = {
             "GradientNoiseScale": {"every_n_steps": c},
-            "GradientTailFitter": {"every_n_steps": 4 * c, "per_layer": False},
+            "GradientTailFitter": {"every_n_steps": 8 * c, "per_layer": False},
         }
     elif tier == "business":
         tiers = {
             "GradientNoiseScale": {"every_n_steps": c},
-            "GradientTailFitter": {"every_n_steps": 4 * c, "per_layer": False},
-            "HessianSpectrumMonitor": {"every_n_steps": 16 * c, "lambda_min": False},
+            "GradientTailFitter": {"every_n_steps": 8 * c, "per_layer": False},
+            "HessianSpectrumMonitor": {"every_n_steps": 32 * c, "lambda_min": False},
             "DiffusionTracker": {"every_n_steps": c, "window": 20},
         }
     else:
         tiers = {
             "GradientNoiseScale": {"every_n_steps": c},
-            "GradientTailFitter": {"every_n_steps": c},
+            "GradientTailFitter": {"every_n_steps": 2 * c},
             "HessianSpectrumMonitor": {"every_n_steps": 4 * c, "top_k": 3, "lambda_min": True,
                                        "lambda_min_every_n_steps": 40 * c, "trace": True},
             "DiffusionTracker": {"every_n_steps": 1, "window": 10 * c},

@@ -29,9 +29,9 @@ def test_the_cadence_and_the_overrides_reach_the_callbacks():
     cbs = {type(cb).__name__: cb for cb in chaos_callbacks.preset(
         "business", every_n_steps=50, HessianSpectrumMonitor={"top_k": 2}, DiffusionTracker=None,
         LyapunovTwinRun={"renormalize_every": 5})}
-    assert cbs["GradientNoiseScale"].every_n_steps == 50 and cbs["GradientTailFitter"].every_n_steps == 200
+    assert cbs["GradientNoiseScale"].every_n_steps == 50 and cbs["GradientTailFitter"].every_n_steps == 400
     monitor = cbs["HessianSpectrumMonitor"]
-    assert (monitor.every_n_steps, monitor.top_k, monitor.lambda_min) == (800, 2, False)
+    assert (monitor.every_n_steps, monitor.top_k, monitor.lambda_min) == (1600, 2, False)
     assert "DiffusionTracker" not in cbs and cbs["LyapunovTwinRun"].renormalize_every == 5
     assert list(cbs)[-1] == "ChaosSummary"  # the summary stays last when an override adds a callback
 
