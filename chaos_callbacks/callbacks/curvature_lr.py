@@ -42,17 +42,29 @@ class HeldLR(LRScheduler):
     ``get_lr`` returns the held rates, so the ``scheduler.step()`` Lightning runs after every
     optimizer step leaves them unchanged. Registered in ``trainer.strategy.lr_scheduler_configs``
     it is checkpointed with the trainer's schedulers and reported by ``LearningRateMonitor``.
+
+    **Composed with the user's schedulers** (``composed=True``): it is stepped first after every
+    optimizer step and puts back the rates the user's schedulers last wrote (kept by :meth:`hold`),
+    so that they step on their own rates, not on the curvature's.
     """
 
-    def __init__(self, optimizer: Optimizer) -> None:
+    def __init__(self, optimizer: Optimizer, composed: bool = False) -> None:
         self.held = [float(g["lr"]) for g in optimizer.param_groups]
+        self.composed = composed
+        self.users: list[float] | None = None  # the user's rates under the held ones (composed)
         super().__init__(optimizer)
 
     def get_lr(self) -> list[float]:
-        return list(self.held)
+        if not self.composed:
+            return list(self.held)
+        users, self.users = self.users, None
+        return list(users) if users is not None else [float(g["lr"]) for g in self.optimizer.param_groups]
 
     def hold(self, lrs: list[float]) -> None:
-        """Set the optimizer's rates now (the next optimizer step uses them) and keep them."""
+        """Set the optimizer's rates now (the next optimizer step uses them) and keep them; composed,
+        remember the user's rates they replace, to be put back after the step."""
+        if self.composed and self.users is None:
+            self.users = [float(g["lr"]) for g in self.optimizer.param_groups]
         self.held = list(lrs)
         for group, lr in zip(self.optimizer.param_groups, self.held):
             group["lr"] = lr
@@ -88,8 +100,13 @@ class CurvatureLRScheduler(Callback):
     ``trainer.strategy.lr_scheduler_configs`` (``interval="step"``): ``LearningRateMonitor``
     reports its rate (this callback moves itself ahead of any ``LearningRateMonitor`` so the
     monitor logs the rate the step uses), and its state is checkpointed and restored with the
-    trainer's schedulers. A scheduler configured in ``configure_optimizers`` on the same optimizer
-    is refused with a ``ValueError`` at fit start (both would write the rate).
+    trainer's schedulers. **A scheduler of the user's** (``configure_optimizers``: cosine, StepLR,
+    LambdaLR, ReduceLROnPlateau, …) on the same optimizer is composed with, not refused: the
+    curvature sets the scale and the user's schedule its shape. The user's scheduler runs on its
+    own rates ``u_t`` exactly as without this callback (``HeldLR`` steps first after each optimizer
+    step and puts them back before it steps), and each step uses ``η · u_t / b`` — its current
+    factor ``u_t / b`` (``b`` its base rate, ``initial_lr``) times the curvature rate. After warm-up
+    the rate is set at every step, since the factor changes between estimates.
 
     **Parameter groups.** Group ``i`` with base rate ``b_i`` (at fit start) gets ``η · b_i/max b``;
     ``η`` is the rate of the group(s) with the largest base rate. The update is then
@@ -97,11 +114,13 @@ class CurvatureLRScheduler(Callback):
     ``R^{1/2} H R^{1/2}`` — the curvature used (the Hessian itself when all groups share one rate;
     for Adam ``R`` multiplies ``P⁻¹``). Parameters outside the optimizer are not part of it.
 
-    **Optimizers.** ``torch.optim.SGD`` in every mode; Adam/AdamW only in ``edge_of_stability``
-    mode (the other modes give an SGD step size from the raw Hessian, meaningless for a
-    preconditioned step); anything else is refused at fit start. Weight decay is not part of the
-    curvature. Adam has no preconditioner before its first step, so the estimate due at step 0
-    is left out and the optimizer's own rate holds until the next one.
+    **Optimizers.** ``torch.optim.SGD`` and Adam/AdamW in every mode; for Adam every mode takes the
+    preconditioned curvature (quasi-Newton ``scale / λ_max(P^{-1/2} H P^{-1/2})``, DAL
+    ``v = ‖SHS(Sg)‖/‖Sg‖`` with ``S = P^{-1/2}``), the step Adam actually takes being ``η P⁻¹``
+    times its (momentum) gradient; anything else, and more than one optimizer, is refused at fit
+    start (no rule is defined for them). Weight decay is not part of the curvature. Adam has no
+    preconditioner before its first step, so the estimate due at step 0 is left out and the
+    optimizer's own rate holds until the next one.
 
     **Shared estimates.** The curvature is computed by the Trainer's curvature engine
     (:mod:`~chaos_callbacks.callbacks._engine`) together with the other estimating callbacks due at
@@ -186,6 +205,7 @@ class CurvatureLRScheduler(Callback):
         self.scheduler: HeldLR | None = None
         self._warn = plumb.WarnOnce(type(self).__name__)
         self._ratios: list[float] = []
+        self._base: list[float] = []
         self._threshold = 2.0
         self._eta: float | None = None
         self._curvature: float | None = None
@@ -217,22 +237,20 @@ class CurvatureLRScheduler(Callback):
             raise ValueError(f"{name}: Trainer(callbacks=...) holds two {name}s; both would set the learning rate of the one "
                              "optimizer. Keep one (a HessianSpectrumMonitor can watch another curvature alongside it)")
         optimizer = trainer.optimizers[0]
-        others = [type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
-        if others:
-            raise ValueError(
-                f"{name} is the learning-rate scheduler of {type(optimizer).__name__}, but configure_optimizers "
-                f"also attached {others} to it; both would write the rate. Remove that scheduler (use "
-                f"warmup_steps, min_lr and max_lr of {name}) or the callback."
-            )
+        composed = any(c.scheduler.optimizer is optimizer for c in trainer.lr_scheduler_configs)
         self._threshold = self._stability_threshold(optimizer)
-        base = [float(g["lr"]) for g in optimizer.param_groups]
+        # the base rates: the user's schedulers' (initial_lr), else the groups' rates at fit start
+        base = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
         if not max(base) > 0:
             raise ValueError(f"{name} needs a positive learning rate in some parameter group, got {base}")
+        self._base = base
         self._ratios = [b / max(base) for b in base]
         if self._eta is None:
             self._eta = max(base)
-        self.scheduler = HeldLR(optimizer)
-        trainer.strategy.lr_scheduler_configs.append(LRSchedulerConfig(self.scheduler, interval="step"))
+        self.scheduler = HeldLR(optimizer, composed=composed)
+        config = LRSchedulerConfig(self.scheduler, interval="step")
+        # composed: stepped before the user's schedulers, to put their own rates back first
+        trainer.strategy.lr_scheduler_configs.insert(0, config) if composed else trainer.strategy.lr_scheduler_configs.append(config)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         engine = _engine.engine_for(trainer)
@@ -250,9 +268,10 @@ class CurvatureLRScheduler(Callback):
         optimizer = trainer.optimizers[0]
         hvps = self._update_curvature(trainer, pl_module, batch, batch_idx, step) if estimate else None
         switch = step >= self.warmup_steps and (estimate or step == self.warmup_steps)
-        if switch:
-            self._eta = self._next_lr()
-            self.scheduler.hold([self._eta * r for r in self._ratios])
+        if switch or (self.scheduler.composed and step > self.warmup_steps):
+            if switch:
+                self._eta = self._next_lr()
+            self.scheduler.hold(self._rates(optimizer))
         if estimate or switch:
             metrics = {
                 "curvature_lr/lr": max(float(g["lr"]) for g in optimizer.param_groups),
@@ -264,16 +283,19 @@ class CurvatureLRScheduler(Callback):
             plumb.log_scalars(trainer, pl_module, self.last_estimate, step, prog_bar=("curvature_lr/lr",), prefix=self.prefix)
 
     # ------------------------------------------------------------------ rate
+    def _rates(self, optimizer: Optimizer) -> list[float]:
+        """Each group's rate: ``η · b_i / max b`` times, composed with the user's schedulers, their current
+        factor ``u_i / b_i`` (``u_i`` the rate they wrote for this step): ``η · u_i / max b``."""
+        if not self.scheduler.composed:
+            return [self._eta * r for r in self._ratios]
+        return [self._eta * float(g["lr"]) / max(self._base) for g in optimizer.param_groups]
+
     def _stability_threshold(self, optimizer: Optimizer) -> float:
         """``τ`` of edge-of-stability mode; refuses optimizers a mode cannot drive."""
         name, kind, groups = type(self).__name__, type(optimizer).__name__, optimizer.param_groups
         if isinstance(optimizer, (Adam, AdamW)):
             if self.mode != "edge_of_stability":
-                raise ValueError(
-                    f"{name}: mode={self.mode!r} derives an SGD step size from the raw Hessian, but {kind} "
-                    "rescales every coordinate by its preconditioner. Use mode='edge_of_stability' (it uses the "
-                    "preconditioned sharpness of Cohen et al. 2022) or torch.optim.SGD."
-                )
+                return 2.0  # unused: the other modes take the preconditioned curvature as it is
             beta1 = {g["betas"][0] for g in groups}
             if len(beta1) > 1:
                 raise ValueError(f"{name}: the parameter groups of {kind} have different beta1 {sorted(beta1)}")

@@ -188,29 +188,96 @@ def test_adam_uses_the_preconditioned_sharpness():
     assert cb.last_estimate["curvature_lr/skipped"] == 0
 
 
-def test_adam_in_an_sgd_mode_and_other_optimizers_are_refused():
-    with pytest.raises(ValueError, match="edge_of_stability"):
-        fit_quadratic(Quadratic([1.0], [1.0], optimizer="adam"), CurvatureLRScheduler(mode="dal"), steps=1)
+@pytest.mark.parametrize("mode, rule", [("quasi_newton", lambda lam: 1 / lam), ("dal", None)])
+def test_adam_in_every_mode_uses_the_preconditioned_curvature(mode, rule):
+    """quasi-Newton: η = 1/λ_max(P^{-1/2} H P^{-1/2}); DAL: η = 2/v with v = ‖SHS(Sg)‖/‖Sg‖, S = P^{-1/2}."""
+    a = torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64)
+    beta1, beta2, eps = 0.9, 0.99, 1e-8
+    cb = CurvatureLRScheduler(every_n_steps=1, mode=mode, tol=1e-10)
+    model = Quadratic(a.tolist(), [1.0, -1.0, 0.5], lr=0.01, optimizer="adam", betas=(beta1, beta2), eps=eps)
+    log = fit_quadratic(model, cb, steps=4)
+    assert log.lrs[0] == [0.01]
+    for lr, w, (v, t) in zip(first(log.lrs[1:]), log.weights[1:], log.adam):
+        P = (1 - beta1 ** (t + 1)) * ((v / (1 - beta2**t)).sqrt() + eps)
+        if rule is not None:
+            expected = rule(float((a / P).max()))
+        else:
+            sg = (a * w) / P.sqrt()  # S g in the scaled coordinates
+            expected = 2 / float((a / P * sg).norm() / sg.norm())
+        assert lr == pytest.approx(expected, rel=1e-9)
+    assert cb.last_estimate["curvature_lr/skipped"] == 0
 
+
+def test_optimizers_without_a_rule_are_refused():
     class Rms(Quadratic):
         def configure_optimizers(self):
             return torch.optim.RMSprop(self.parameters(), lr=0.1)
 
     with pytest.raises(ValueError, match="RMSprop"):
         fit_quadratic(Rms([1.0], [1.0]), CurvatureLRScheduler(), steps=1)
-
-
-def test_a_user_scheduler_on_the_same_optimizer_is_refused():
-    class WithStepLR(TinyNet):
-        def configure_optimizers(self):
-            opt = torch.optim.SGD(self.parameters(), lr=0.1)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 2), "interval": "step"}}
-
-    with pytest.raises(ValueError, match="StepLR"):
-        trainer(callbacks=[CurvatureLRScheduler()], max_steps=1, max_epochs=None).fit(WithStepLR(), loader())
-    # two curvature schedulers on one optimizer, whatever their prefixes
     with pytest.raises(ValueError, match="holds two CurvatureLRSchedulers"):
         trainer(callbacks=[CurvatureLRScheduler(), CurvatureLRScheduler(mode="dal", prefix="dal/")], max_steps=1, max_epochs=None).fit(TinyNet(), loader())
+
+
+class Scheduled(Quadratic):
+    """The quadratic with a user's scheduler in ``configure_optimizers``."""
+
+    def __init__(self, *args, make=None, interval="step", monitor=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.make, self.interval, self.monitor = make, interval, monitor
+
+    def training_step(self, batch, batch_idx):
+        self.log("flat", 1.0)  # never improves: a plateau scheduler reduces after its patience
+        return self.loss()
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        config = {"scheduler": self.make(opt), "interval": self.interval}
+        if self.monitor:
+            config["monitor"] = self.monitor
+        return {"optimizer": opt, "lr_scheduler": config}
+
+
+def _alone(model_factory, steps):
+    """The user's schedule without the callback: the rate of every step."""
+    log = StepLog()
+    data = torch.utils.data.TensorDataset(torch.zeros(64, 1))
+    trainer(callbacks=[log], max_steps=steps, max_epochs=None).fit(model_factory(), torch.utils.data.DataLoader(data, batch_size=4))
+    return log.lrs
+
+
+@pytest.mark.parametrize("make, interval, monitor", [
+    (lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5), "step", None),
+    (lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10), "step", None),
+    (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 if t < 2 else 1.0), "step", None),
+    (lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0), "epoch", "flat"),
+])
+def test_the_users_scheduler_shapes_the_curvature_rate(make, interval, monitor):
+    """η_t = (1/λ_max) · u_t / b: the user's scheduler runs on its own rates u_t (as without the callback)
+    and its factor u_t/b multiplies the curvature's rate; groups keep their ratios."""
+    groups = [{"size": 1, "lr": 0.1}, {"size": 1, "lr": 0.05}]  # λ_max(R^½ H R^½) = 4 (see the groups test)
+    factory = lambda: Scheduled([4.0, 6.0], [1.0, 1.0], groups=groups, make=make, interval=interval, monitor=monitor)  # noqa: E731
+    steps = 40  # 16 steps per epoch: the plateau scheduler reduces twice
+    users = _alone(factory, steps)
+    cb = CurvatureLRScheduler(every_n_steps=1, tol=1e-10)
+    log = fit_quadratic(factory(), cb, steps=steps)
+    assert len(set(u[0] for u in users)) > 1  # the user's schedule does change the rate
+    for (lr0, lr1), (u0, u1) in zip(log.lrs, users):
+        assert lr0 == pytest.approx(0.25 * u0 / 0.1, rel=1e-9) and lr1 == pytest.approx(0.25 * u1 / 0.1, rel=1e-9)
+
+
+def test_learning_rate_monitor_shows_the_composed_rate():
+    logger, monitor = MemoryLogger(), LearningRateMonitor(logging_interval="step")
+    make = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)  # noqa: E731
+    log = StepLog()
+    data = torch.utils.data.TensorDataset(torch.zeros(64, 1))
+    t = trainer(callbacks=[log, monitor, CurvatureLRScheduler(every_n_steps=1, tol=1e-10)], logger=logger, max_steps=6,
+                max_epochs=None, log_every_n_steps=1)
+    t.fit(Scheduled([4.0], [1.0], lr=0.1, make=make), torch.utils.data.DataLoader(data, batch_size=4))
+    shown = {step: m for step, m in logger.metrics if any(k.startswith("lr-SGD") for k in m)}
+    for step, used in enumerate(first(log.lrs)):
+        assert used == pytest.approx(0.25 * 0.5 ** (step // 2), rel=1e-9)
+        assert all(v == used for k, v in shown[step].items() if k.startswith("lr-SGD"))
 
 
 class MemoryLogger(Logger):
