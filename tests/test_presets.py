@@ -58,7 +58,7 @@ def test_the_yaml_tier_is_the_python_tier(tier):
 
 def test_the_economy_config_trains(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = run(["fit", "--config", str(ROOT / "configs" / "preset_economy.yaml"), "--trainer.max_steps", "40",
+    cli = run(["fit", "--config", str(ROOT / "configs" / "preset_economy.yaml"), "--trainer.max_steps", "100",
                "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"])
     noise = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "GradientNoiseScale")
-    assert cli.trainer.global_step == 40 and noise.last_estimate["gradient_noise/b_simple"] > 0
+    assert cli.trainer.global_step == 100 and noise.last_estimate["gradient_noise/b_simple"] > 0

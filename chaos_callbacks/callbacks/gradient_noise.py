@@ -143,12 +143,13 @@ class GradientNoiseScale(Callback):
     not defined by this model and the numbers describe the coupled estimator). Batches drawn without
     replacement from N examples estimate N/(N − 1) tr Σ (negligible for B ≪ N).
 
-    Logs, from the second estimate on (a standard error needs two), at ``trainer.global_step`` of
+    Logs, from the fifth estimate on (a standard error from fewer is unreliable), at ``trainer.global_step`` of
     the step whose weights were measured: ``gradient_noise/b_simple`` (also on the progress bar) with
     ``gradient_noise/b_simple_stderr``; ``gradient_noise/trace_cov`` (tr Σ) and
     ``gradient_noise/grad_norm_sq`` (|G|²), smoothed, with ``_stderr``; and
     ``gradient_noise/b_simple_over_batch`` (B_simple divided by the global batch size, examples per
-    optimizer step over all ranks and micro-batches) with ``_stderr``. The standard errors come from
+    optimizer step over all ranks and micro-batches, the largest seen: an epoch's short last batch
+    does not count) with ``_stderr``. The standard errors come from
     the spread of the per-step estimates (effective count n_eff = (Σw)²/Σw² ≈ (1+β)/(1−β)); drift
     of the true values inside the window makes them conservative. While the smoothed |G|² is not
     positive (noise dominates), B_simple is not logged and the estimate counts as skipped.
@@ -193,6 +194,7 @@ class GradientNoiseScale(Callback):
         self.last_raw: NoiseEstimate | None = None  #: the last step's unsmoothed estimate
         self.last_estimate: dict[str, float] = {}  #: the last logged values
         self._accumulation: _Accumulation | None = None
+        self._batch = 0  # the largest number of examples per optimizer step seen (the full batch)
         self._half: tuple[int, Tensor, int, int] | None = None  # (step, G₁, B₁, B) between the two hooks of "halves"
         self._done_step: int | None = None
 
@@ -420,7 +422,9 @@ class GradientNoiseScale(Callback):
     def _record(self, trainer: Trainer, pl_module: LightningModule, pieces: Pieces, examples: int) -> None:
         """Combine over ranks, smooth, and log once two estimates exist."""
         estimate = self._combine(trainer, pieces)
-        global_batch = examples * trainer.world_size  # examples per optimizer step over all ranks
+        # examples per optimizer step over all ranks: the full batch (an epoch's short last batch would
+        # inflate B_simple / batch for that one step)
+        self._batch = max(self._batch, examples * trainer.world_size)
         self.last_raw = estimate
         self._smoother.update(estimate)
         result = self._smoother.result()
@@ -436,8 +440,8 @@ class GradientNoiseScale(Callback):
             metrics.update({
                 "gradient_noise/b_simple": result.b_simple,
                 "gradient_noise/b_simple_stderr": result.b_simple_stderr,
-                "gradient_noise/b_simple_over_batch": result.b_simple / global_batch,
-                "gradient_noise/b_simple_over_batch_stderr": result.b_simple_stderr / global_batch,
+                "gradient_noise/b_simple_over_batch": result.b_simple / self._batch,
+                "gradient_noise/b_simple_over_batch_stderr": result.b_simple_stderr / self._batch,
             })
         self.last_estimate = metrics
         plumb.log_scalars(trainer, pl_module, metrics, trainer.global_step, prog_bar=("gradient_noise/b_simple",), prefix=self.prefix)
@@ -451,8 +455,9 @@ class GradientNoiseScale(Callback):
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {"smoother": self._smoother.state_dict(), "skipped": self._warn.count}
+        return {"smoother": self._smoother.state_dict(), "skipped": self._warn.count, "batch": self._batch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._smoother.load_state_dict(state_dict["smoother"])
         self._warn.count = state_dict["skipped"]
+        self._batch = state_dict.get("batch", 0)

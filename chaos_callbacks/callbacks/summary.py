@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from chaos_callbacks.callbacks._plumbing import Logged, WarnOnce, logged_values, tag_prefix, tensorboard_loggers
+from chaos_callbacks.curvature.lr_rules import is_adam
 
 #: One TensorBoard "Custom Scalars" category per instrument. TensorBoard colours the lines of a
 #: custom-scalars chart by *run*, not by tag, so all tags of one run share a colour: each chart holds
@@ -74,22 +75,28 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
 }
 
 
-#: Charts drawn only when the instrument is set to log them: ``(area, pattern) -> predicate(callback)``.
+#: Charts drawn only when the instrument is set to log them: ``(area, pattern) -> predicate(callback,
+#: optimizers)`` (``optimizers``: the Trainer's, or ``None`` when unknown).
 OPT_IN_CHARTS: dict[tuple[str, str], Any] = {
-    ("hessian", r"hessian/lambda_min$"): lambda cb: getattr(cb, "lambda_min", True),
-    ("hessian", r"hessian/trace$"): lambda cb: getattr(cb, "trace", True),
-    ("hessian", r"hessian/preconditioned_lambda_max$"): lambda cb: getattr(cb, "preconditioned", True),
-    ("hessian", r"hessian/preconditioned_sharpness_ratio$"): lambda cb: getattr(cb, "preconditioned", True),
-    ("hessian", r"hessian/[^/]+/lambda_max$"): lambda cb: bool(getattr(cb, "blocks", True)),
-    ("hessian", r"hessian/[^/]+/lambda_min$"): lambda cb: bool(getattr(cb, "blocks", True)) and getattr(cb, "lambda_min", True),
-    ("hessian", r"hessian/[^/]+/trace$"): lambda cb: bool(getattr(cb, "blocks", True)) and getattr(cb, "trace", True),
-    ("lyapunov", r"lyapunov/local_exponent$"): lambda cb: getattr(cb, "mode", "twin") == "twin" and getattr(cb, "renormalize_every", None) is None,
-    ("lyapunov", r"lyapunov/ftle$"): lambda cb: getattr(cb, "renormalize_every", 1) is not None,
-    ("grad_tail", r"grad_tail/.+/alpha$"): lambda cb: getattr(cb, "per_layer", True),
+    ("hessian", r"hessian/lambda_min$"): lambda cb, _: getattr(cb, "lambda_min", True),
+    ("hessian", r"hessian/trace$"): lambda cb, _: getattr(cb, "trace", True),
+    ("hessian", r"hessian/preconditioned_lambda_max$"): lambda cb, opts: getattr(cb, "preconditioned", True) and _adam_first(opts),
+    ("hessian", r"hessian/preconditioned_sharpness_ratio$"): lambda cb, opts: getattr(cb, "preconditioned", True) and _adam_first(opts),
+    ("hessian", r"hessian/[^/]+/lambda_max$"): lambda cb, _: bool(getattr(cb, "blocks", True)),
+    ("hessian", r"hessian/[^/]+/lambda_min$"): lambda cb, _: bool(getattr(cb, "blocks", True)) and getattr(cb, "lambda_min", True),
+    ("hessian", r"hessian/[^/]+/trace$"): lambda cb, _: bool(getattr(cb, "blocks", True)) and getattr(cb, "trace", True),
+    ("lyapunov", r"lyapunov/local_exponent$"): lambda cb, _: getattr(cb, "mode", "twin") == "twin" and getattr(cb, "renormalize_every", None) is None,
+    ("lyapunov", r"lyapunov/ftle$"): lambda cb, _: getattr(cb, "renormalize_every", 1) is not None,
+    ("grad_tail", r"grad_tail/.+/alpha$"): lambda cb, _: getattr(cb, "per_layer", True),
 }
 
 
-def custom_scalars_layout(callbacks: list[Callback]) -> dict[str, dict[str, list]]:
+def _adam_first(optimizers: list[Any] | None) -> bool:
+    """Adam's charts: the first optimizer is Adam/AdamW (or the optimizers are not known yet)."""
+    return optimizers is None or (bool(optimizers) and is_adam(optimizers[0]))
+
+
+def custom_scalars_layout(callbacks: list[Callback], optimizers: list[Any] | None = None) -> dict[str, dict[str, list]]:
     """The layout for the attached instruments: one category per instrument and tag prefix
     (``probe_a/hessian``, ``val/hessian`` for a validation-split monitor), its patterns anchored at the prefix so that two instances never share a
     chart, and opt-in charts (``OPT_IN_CHARTS``) only when enabled. Without instruments: the full
@@ -102,7 +109,7 @@ def custom_scalars_layout(callbacks: list[Callback]) -> dict[str, dict[str, list
         prefix = tag_prefix(cb)
         charts = {}
         for title, (kind, patterns) in CUSTOM_SCALARS_LAYOUT[cb.AREA].items():
-            if all(OPT_IN_CHARTS.get((cb.AREA, p), lambda _: True)(cb) for p in patterns):
+            if all(OPT_IN_CHARTS.get((cb.AREA, p), lambda *_: True)(cb, optimizers) for p in patterns):
                 charts[title] = [kind, ["^" + re.escape(prefix) + p for p in patterns]]
         layout[prefix + cb.AREA] = charts
     return layout
@@ -177,7 +184,7 @@ class ChaosSummary(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         tbs = tensorboard_loggers(trainer)
         if tbs:
-            layout = custom_scalars_layout(trainer.callbacks)
+            layout = custom_scalars_layout(trainer.callbacks, trainer.optimizers)
             for tb in tbs:
                 tb.experiment.add_custom_scalars(layout)
 
@@ -380,7 +387,7 @@ def _gauss_newton_area() -> None:
     matrix under ``ggn/``: its category has the same charts, opt-in on the same settings."""
     rename = lambda pattern: pattern.replace("hessian/", "ggn/", 1)  # noqa: E731
     CUSTOM_SCALARS_LAYOUT["ggn"] = {
-        title.replace("Hessian", "Gauss-Newton"): [kind, [rename(p) for p in patterns]]
+        title.replace("Hessian", "Gauss-Newton").replace("Hg", "Gg"): [kind, [rename(p) for p in patterns]]
         for title, (kind, patterns) in CUSTOM_SCALARS_LAYOUT["hessian"].items()
     }
     OPT_IN_CHARTS.update({("ggn", rename(p)): enabled for (area, p), enabled in list(OPT_IN_CHARTS.items()) if area == "hessian"})

@@ -114,6 +114,9 @@ class SmoothedNoiseScale:
     effective_count: float
 
 
+MIN_ESTIMATES = 5  #: estimates before the smoother reports values and standard errors
+
+
 class NoiseScaleSmoother:
     """Exponential moving averages of tr Σ and |G|², their ratio B_simple, and standard errors.
 
@@ -163,8 +166,10 @@ class NoiseScaleSmoother:
         self.comoment = [beta * ss + delta[0] * after[0], beta * sg + delta[0] * after[1], beta * gg + delta[1] * after[1]]
 
     def result(self) -> SmoothedNoiseScale | None:
-        """The smoothed values and their standard errors; ``None`` before two estimates."""
-        if self.count < 2:
+        """The smoothed values and their standard errors; ``None`` before :data:`MIN_ESTIMATES` estimates
+        (a spread of fewer has 1–3 degrees of freedom: a standard error from it may be off by a factor
+        of several, e.g. ±0.6 where the next estimate showed ±42)."""
+        if self.count < MIN_ESTIMATES:
             return None
         n_eff = self.weight**2 / self.weight_sq
         # weighted sample (co)variances of one estimate, divided by n_eff: (co)variances of the means

@@ -55,27 +55,34 @@ def spectral_density_figure(density: SpectralDensity) -> Figure:
 
 def landscape_figure(landscape: Landscape) -> Figure:
     """The loss along ``±t·v₁`` with its quadratic model (PyHessian's view) and, when there is a plane,
-    filled contours of the loss over the ``v₁–v₂`` plane with the model's contours drawn over them."""
+    filled contours of the loss over the ``v₁–v₂`` plane with the model's contours drawn over them.
+
+    The panels are stacked and drawn with thick lines and few ticks: TensorBoard shows an image in a
+    card about 370 px wide, where a side-by-side layout's text was ~5 px high."""
+    from matplotlib.ticker import MaxNLocator
+
     planar = landscape.plane is not None
-    fig, axes = plt.subplots(1, 2 if planar else 1, figsize=(9.5 if planar else 5, 3.6), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(2 if planar else 1, 1, figsize=(5, 7.2 if planar else 3.8), dpi=100, squeeze=False)
     ax = axes[0, 0]
     t = landscape.t.numpy()
-    ax.plot(t, landscape.line.numpy(), label="loss")
-    ax.plot(t, landscape.line_model.numpy(), "--", label="quadratic model")
+    ax.plot(t, landscape.line.numpy(), lw=2, label="loss")
+    ax.plot(t, landscape.line_model.numpy(), "--", lw=2, label="quadratic model")
     ax.set_xlabel("t (along v1)")
     ax.set_ylabel("loss")
     ax.set_title(f"along v1, lambda_1 = {landscape.eigenvalues[0]:.4g}")
-    ax.legend(fontsize=8)
+    ax.legend()
     if planar:
-        ax = axes[0, 1]
+        ax = axes[1, 0]
         s = landscape.s.numpy()
         plane, model = landscape.plane.numpy().T, landscape.plane_model.numpy().T  # rows: v2, columns: v1
-        levels = np.linspace(float(plane.min()), float(plane.max()), 15) if plane.max() > plane.min() else 15
+        levels = np.linspace(float(plane.min()), float(plane.max()), 11) if plane.max() > plane.min() else 11
         filled = ax.contourf(t, s, plane, levels=levels, cmap="viridis")
-        ax.contour(t, s, model, levels=levels, colors="white", linestyles="dashed", linewidths=0.8)
-        fig.colorbar(filled, ax=ax, label="loss")
+        ax.contour(t, s, model, levels=levels, colors="white", linestyles="dashed", linewidths=1.2)
+        bar = fig.colorbar(filled, ax=ax, label="loss")
+        bar.locator = MaxNLocator(5)
+        bar.update_ticks()
         ax.set_xlabel("a (along v1)")
         ax.set_ylabel("b (along v2)")
-        ax.set_title(f"v1-v2 plane, lambda_2 = {landscape.eigenvalues[1]:.4g} (dashed: model)")
+        ax.set_title(f"v1-v2 plane, lambda_2 = {landscape.eigenvalues[1]:.4g}\n(white dashed: quadratic model)")
     fig.tight_layout()
     return fig

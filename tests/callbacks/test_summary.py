@@ -275,3 +275,16 @@ def test_layout_follows_the_attached_instruments_and_prefixes():
     lyapunov = [spec[1][0] for spec in layout["lyapunov"].values()]
     assert any("local_exponent" in p for p in lyapunov) and not any("ftle" in p for p in lyapunov)
     assert custom_scalars_layout([]) == CUSTOM_SCALARS_LAYOUT
+
+
+def test_adam_charts_only_when_the_optimizer_is_adam():
+    from chaos_callbacks.callbacks.summary import custom_scalars_layout
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    monitors = [HessianSpectrumMonitor(), HessianSpectrumMonitor(curvature="ggn")]
+    for optimizer, shown in ((torch.optim.SGD(p, lr=0.1), False), (torch.optim.AdamW(p), True), (None, True)):
+        layout = custom_scalars_layout(monitors, None if optimizer is None else [optimizer])
+        for area in ("hessian", "ggn"):
+            adam = [title for title in layout[area] if title.startswith("Adam")]
+            assert bool(adam) == shown, (optimizer, area, adam)
+    assert not any("Hg" in title for title in layout["ggn"])  # the Gauss-Newton charts say G

@@ -171,7 +171,7 @@ def test_smoother_state_round_trips():
 
 def test_non_positive_gradient_norm_gives_no_ratio():
     smoother = NoiseScaleSmoother(0.5)
-    for g in (-1.0, 0.25):
+    for g in (-1.0, 0.25, -1.0, 0.25, -1.0):
         smoother.update(NoiseEstimate(grad_norm_sq=g, trace_cov=3.0))
     out = smoother.result()
     assert out.grad_norm_sq < 0 and out.b_simple is None and out.b_simple_stderr is None
