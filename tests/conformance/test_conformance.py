@@ -359,7 +359,7 @@ CELLS: list[Cell] = [
          "under accumulate_grad_batches=2", steps=4),
     Cell("lightning_transformer", "accumulate", ("C",), "curvature rate under accumulation: same course", steps=4),
     Cell("lightning_transformer", "clip_norm", ("T", "G"), "twin mirrors norm clipping"),
-    Cell("lightning_transformer", "accumulate", ("N",), "gradient noise scale from the accumulation micro-batches", steps=4),
+    Cell("lightning_transformer", "accumulate", ("N",), "gradient noise scale from the accumulation micro-batches", steps=6),
     Cell("lightning_transformer", "default", ("K",), "Gauss–Newton of nn.Transformer at forward's output, with a block"),
     # stock nn.TransformerEncoder language model, AdamW decay/no-decay groups
     Cell("encoder_lm", "default", ("H",), "nn.TransformerEncoderLayer (SDPA) × Hessian, train mode with dropout"),
@@ -383,7 +383,8 @@ CELLS: list[Cell] = [
     Cell("gan", "default", ("G",), "manual-optimization GAN: two optimizer steps per batch; each optimizer's gradients "
          "fitted at its own due steps, tags grad_tail/optimizer_<i>/...", tags=("grad_tail/optimizer_0/alpha", "grad_tail/optimizer_1/alpha")),
     Cell("gan", "default", ("D",), "manual-optimization GAN: loss from g_loss/d_loss logs or outputs", steps=8),
-    Cell("gan", "default", ("N",), "manual-optimization GAN, gradient noise of a loss_fn", options={"N": {"loss_fn": zoo.gan_discriminator_loss}}),
+    Cell("gan", "default", ("N",), "manual-optimization GAN, gradient noise of a loss_fn (two optimizer steps per batch)",
+         options={"N": {"loss_fn": zoo.gan_discriminator_loss}}, steps=12),
     Cell("gan", "default", ("C",), "refused: ValueError naming CurvatureLRScheduler (two optimizers) before the first step",
          options={"C": {"loss_fn": zoo.gan_discriminator_loss}}, refused="CurvatureLRScheduler.*optimizer"),
     # the list-collecting module (re-running training_step must not touch its lists, counter, generator)
