@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from chaos_callbacks.curvature.hvp import HessianView, NoTrainableParametersError, Reduce, flatten, unflatten
+from chaos_callbacks.curvature.hvp import ProbeOperator, Reduce, flatten
 
 #: A probe batch's closure: its outputs ``z`` (a tensor in the autograd graph) and its scalar loss ``ℓ(z)``.
 OutputsAndLoss = Callable[[], tuple[Tensor, Tensor]]
@@ -79,7 +79,7 @@ class _Batch:
         return flatten([g if g is not None else torch.zeros_like(p) for g, p in zip(parts, params)])
 
 
-class GGNOperator:
+class GGNOperator(ProbeOperator):
     """The generalised Gauss–Newton matrix ``Σ_b w_b J_bᵀ H_out,b J_b`` of probe-batch losses, matrix-free.
 
     Args:
@@ -103,21 +103,7 @@ class GGNOperator:
         weights: Sequence[float] | None = None,
         reduce: Reduce | None = None,
     ) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        if not self.params:
-            raise NoTrainableParametersError("the model has no parameters with requires_grad=True")
-        if not closures:
-            raise ValueError("GGNOperator needs at least one probe-batch closure")
-        if weights is None:
-            weights = [1.0 / len(closures)] * len(closures)
-        if len(weights) != len(closures):
-            raise ValueError(f"got {len(weights)} weights for {len(closures)} closures")
-        self.weights = list(weights)
-        self._reduce = reduce or (lambda t: t)
-        self.num_matvecs = 0
-        self.dim = sum(p.numel() for p in self.params)
-        self.dtype = self.params[0].dtype
-        self.device = self.params[0].device
+        super().__init__(params, closures, weights, reduce)
         self._batches: list[_Batch] = []
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
@@ -129,26 +115,17 @@ class GGNOperator:
             self._batches.append(_Batch(self.params, outputs, loss))
             loss_total += w * loss.detach().double()
             grad_total += w * flatten([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)])
-        self.loss = float(self._reduce(loss_total))
-        self.gradient = self._reduce(grad_total)
+        self._set_loss_and_gradient(loss_total, grad_total)
 
     def matvec(self, v: Tensor) -> Tensor:
         """Return ``G v = Σ_b w_b J_bᵀ H_out,b J_b v`` (one counted product)."""
-        if v.shape != (self.dim,):
-            raise ValueError(f"expected a vector of shape ({self.dim},), got {tuple(v.shape)}")
-        v_parts = unflatten(v.to(self.dtype), self.params)
+        v_parts = self._parts(v)
         out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         for batch, w in zip(self._batches, self.weights):
             out.add_(batch.vjp(self.params, batch.output_hvp(batch.jvp(v_parts))), alpha=w)
         self.num_matvecs += 1
         return self._reduce(out)
 
-    __call__ = matvec
-
     def release(self) -> None:
         """Free the cached graphs."""
         self._batches = []
-
-    def view(self, params: Sequence[Tensor]) -> HessianView:
-        """This operator in the coordinates of ``params``: the diagonal block ``G_SS``."""
-        return HessianView(self, params)  # type: ignore[arg-type]

@@ -46,7 +46,52 @@ def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
-class HessianOperator:
+class ProbeOperator:
+    """What every curvature operator of probe-batch losses shares: its trainable parameters, the
+    batches' weights, the reduction, the product counter and the checks of :meth:`matvec`'s input.
+    Subclasses build their graphs from the closures and set :attr:`loss` and :attr:`gradient`
+    (:meth:`_set_loss_and_gradient`)."""
+
+    def __init__(self, params: Sequence[Tensor], closures: Sequence[object], weights: Sequence[float] | None, reduce: Reduce | None) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise NoTrainableParametersError("the model has no parameters with requires_grad=True")
+        if not closures:
+            raise ValueError(f"{type(self).__name__} needs at least one probe-batch closure")
+        if weights is None:
+            weights = [1.0 / len(closures)] * len(closures)
+        if len(weights) != len(closures):
+            raise ValueError(f"got {len(weights)} weights for {len(closures)} closures")
+        self.weights = list(weights)
+        self._reduce = reduce or (lambda t: t)
+        self.num_matvecs = 0
+        self.dim = sum(p.numel() for p in self.params)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+
+    def _set_loss_and_gradient(self, loss_total: Tensor, grad_total: Tensor) -> None:
+        self.loss = float(self._reduce(loss_total))
+        self.gradient = self._reduce(grad_total)
+
+    def _parts(self, v: Tensor) -> list[Tensor]:
+        """``v`` checked and split into views shaped like the parameters."""
+        if v.shape != (self.dim,):
+            raise ValueError(f"expected a vector of shape ({self.dim},), got {tuple(v.shape)}")
+        return unflatten(v.to(self.dtype), self.params)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return self.matvec(v)
+
+    def view(self, params: Sequence[Tensor]) -> HessianView:
+        """This operator in the coordinates of ``params`` (a subset or reordering of :attr:`params`):
+        its diagonal block over them."""
+        return HessianView(self, params)
+
+
+class HessianOperator(ProbeOperator):
     """The Hessian of a weighted sum of probe-batch losses, as a matrix-free operator.
 
     Args:
@@ -70,21 +115,7 @@ class HessianOperator:
         weights: Sequence[float] | None = None,
         reduce: Reduce | None = None,
     ) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        if not self.params:
-            raise NoTrainableParametersError("the model has no parameters with requires_grad=True")
-        if not losses:
-            raise ValueError("HessianOperator needs at least one probe-batch loss closure")
-        if weights is None:
-            weights = [1.0 / len(losses)] * len(losses)
-        if len(weights) != len(losses):
-            raise ValueError(f"got {len(weights)} weights for {len(losses)} losses")
-        self.weights = list(weights)
-        self._reduce = reduce or (lambda t: t)
-        self.num_matvecs = 0
-        self.dim = sum(p.numel() for p in self.params)
-        self.dtype = self.params[0].dtype
-        self.device = self.params[0].device
+        super().__init__(params, losses, weights, reduce)
         self._graphs: list[tuple[Tensor, ...]] = []
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         grad_total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
@@ -99,14 +130,11 @@ class HessianOperator:
             self._graphs.append(grads)
             loss_total += w * loss.detach().double()
             grad_total += w * flatten([g.detach() for g in grads])
-        self.loss = float(self._reduce(loss_total))
-        self.gradient = self._reduce(grad_total)
+        self._set_loss_and_gradient(loss_total, grad_total)
 
     def matvec(self, v: Tensor) -> Tensor:
         """Return ``H v`` for a flat vector ``v`` (one counted Hessian-vector product)."""
-        if v.shape != (self.dim,):
-            raise ValueError(f"expected a vector of shape ({self.dim},), got {tuple(v.shape)}")
-        v_parts = unflatten(v.to(self.dtype), self.params)
+        v_parts = self._parts(v)
         out: Tensor | None = None  # the first batch's product, scaled in place; later ones added into it
         for grads, w in zip(self._graphs, self.weights):
             differentiable = [(g, u, p) for g, u, p in zip(grads, v_parts, self.params) if g.requires_grad]
@@ -124,15 +152,9 @@ class HessianOperator:
             out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         return self._reduce(out)
 
-    __call__ = matvec
-
     def release(self) -> None:
         """Free the cached first-order graphs."""
         self._graphs = []
-
-    def view(self, params: Sequence[Tensor]) -> HessianView:
-        """This operator in the coordinates of ``params`` (a subset or reordering of :attr:`params`)."""
-        return HessianView(self, params)
 
 
 class HessianView:
@@ -150,7 +172,7 @@ class HessianView:
         dim, dtype, device: of the view's vectors.
     """
 
-    def __init__(self, base: HessianOperator, params: Sequence[Tensor]) -> None:
+    def __init__(self, base: ProbeOperator, params: Sequence[Tensor]) -> None:
         offsets, offset = {}, 0
         for p in base.params:
             offsets[id(p)] = (offset, p.numel())
