@@ -580,6 +580,7 @@ class HessianSpectrumMonitor(Callback):
         return {f"{self.AREA}/{k.removeprefix('hessian/')}" if k.startswith("hessian/") else k: v for k, v in metrics.items()}
 
 
+    # ------------------------------------------------------------------ landscape
     def _basis(self, op: Any, metrics: dict[str, float]) -> landscape_.Basis | None:
         """The estimate's directions for the landscape: the top two Ritz pairs (one without a second)."""
         if self._warm_vectors is None:
