@@ -131,3 +131,18 @@ def check_tag_part(owner: str, name: str, value: Any) -> str:
     if not isinstance(value, str) or not _TAG_PART.fullmatch(value):
         raise _fail(owner, name, "a non-empty name of letters, digits and '_.-' (no '/': it is one part of a tag)", value)
     return value
+
+
+def check_cold_start_budget(owner: str, name: str, budget: int, dim: int, runs: int = 1) -> None:
+    """A product budget that can certify a cold Lanczos estimate of ``dim`` parameters: each of ``runs``
+    runs from a random start takes :func:`~chaos_callbacks.curvature.lanczos.cold_start_matvecs` products
+    before it may stop. A smaller budget would skip every estimate (the first one never certifies, so
+    no warm vectors ever come)."""
+    from chaos_callbacks.curvature.lanczos import cold_start_matvecs
+
+    need = runs * cold_start_matvecs(dim)
+    if budget < need:
+        what = "the top-k run and its deflation check each take" if runs > 1 else "a cold estimate takes"
+        raise ValueError(f"{owner}: {name}={budget} is below the {need} products {what} before it may stop at {dim} "
+                         f"parameters (cold_start_matvecs: what makes missing lambda_max by 10% of the spread at most 1% "
+                         f"likely); every estimate would be skipped. Use {name} >= {need}")

@@ -34,6 +34,7 @@ from chaos_callbacks.curvature.lr_rules import (
 )
 
 Mode = Literal["quasi_newton", "edge_of_stability", "dal"]
+MAX_RATE = float(torch.finfo(torch.float32).max)  #: beyond it ``torch.optim`` cannot apply the rate (it raises)
 
 
 class HeldLR(LRScheduler):
@@ -239,6 +240,9 @@ class CurvatureLRScheduler(Callback):
         optimizer = trainer.optimizers[0]
         composed = any(c.scheduler.optimizer is optimizer for c in trainer.lr_scheduler_configs)
         self._threshold = self._stability_threshold(optimizer)
+        if self.mode != "dal":
+            dim = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
+            V.check_cold_start_budget(name, "max_hvps", self.max_hvps, dim)
         # the base rates: the user's schedulers' (initial_lr), else the groups' rates at fit start
         base = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
         if not max(base) > 0:
@@ -314,17 +318,20 @@ class CurvatureLRScheduler(Callback):
     def _next_lr(self) -> float:
         """The rate from the smoothed curvature, clipped; the previous rate when there is none."""
         held = clamp_lr(self._eta, self.min_lr, self.max_lr)
-        c = self._curvature
-        if c is None:
+        if self._curvature is None:
             return held
+        lr = self._rate_for(self._curvature)
+        return lr if math.isfinite(lr) and lr > 0 else held
+
+    def _rate_for(self, c: float) -> float:
+        """The mode's rate for the curvature ``c``, clipped to ``[min_lr, max_lr]``."""
         if self.mode == "quasi_newton":
             lr = quasi_newton_lr(c, self.scale)
         elif self.mode == "edge_of_stability":
             lr = edge_of_stability_lr(c, self.fraction, self._threshold)
         else:
             lr = drift_adjusted_lr(c, self.power, self.max_lr if self.max_lr is not None else math.inf)
-        lr = clamp_lr(lr, self.min_lr, self.max_lr)
-        return lr if math.isfinite(lr) and lr > 0 else held
+        return clamp_lr(lr, self.min_lr, self.max_lr)
 
     # ------------------------------------------------------------------ estimate
     def _update_curvature(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, step: int) -> int:
@@ -339,7 +346,13 @@ class CurvatureLRScheduler(Callback):
         if problem is not None:
             self._warn(problem, f"{problem} ({value}) at step {step}, learning rate held")
             return outcome.hvps
-        self._curvature = ema(self._curvature, value, self.ema)
+        smoothed = ema(self._curvature, value, self.ema)
+        rate = self._rate_for(smoothed)
+        if not (math.isfinite(rate) and rate <= MAX_RATE):  # an optimizer step would overflow: never crash the run
+            self._warn("rate overflow", f"the curvature {value:.3g} at step {step} gives a learning rate {rate:.3g} that no "
+                       "float32 step can take (a dead or flat network?); learning rate held. Set max_lr to bound it")
+            return outcome.hvps
+        self._curvature = smoothed
         return outcome.hvps
 
     def _curvature_due(self, trainer: Trainer, step: int) -> bool:

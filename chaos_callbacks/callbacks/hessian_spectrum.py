@@ -286,6 +286,9 @@ class HessianSpectrumMonitor(Callback):
         plumb.check_unique_tags(self, trainer)
         loss_fn = self.loss_fn if self.output_split is None else self.output_split.output_fn  # an explicit split needs no training_step
         plumb.check_loss_resolvable(pl_module, loss_fn, type(self).__name__)
+        if self.method == "lanczos":
+            dim = sum(p.numel() for p in plumb.trainable_parameters(pl_module))
+            V.check_cold_start_budget(type(self).__name__, "max_hvps", self.max_hvps, dim, runs=2 if self.top_k >= 2 else 1)
         for block in self.blocks or {}:  # a pattern that matches nothing, or too few entries for top_k, fails here
             size = sum(p.numel() for p in self._block_params(pl_module, block))
             if size < self.top_k:

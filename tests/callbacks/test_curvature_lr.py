@@ -402,3 +402,28 @@ def test_ddp_rates_equal_on_ranks_and_on_the_union_batch(tmp_path):
     assert len(ranks[0]["lrs"]) == 3 and len(set(ranks[0]["lrs"])) == 3
     assert ranks[0]["lrs"] == pytest.approx(single["lrs"], rel=1e-9)
     assert ranks[0]["lambda"] == pytest.approx(single["lambda"], rel=1e-9)
+
+
+def test_a_tiny_curvature_never_crashes_the_optimizer_step():
+    """Regression (a dead LeNet): λ ≈ 1e-40 gave a rate of 1e40, beyond float32, and SGD raised
+    "value cannot be converted to type float without overflow" inside the optimizer step."""
+    schedule = [[2.0], [1e-40], [1e-45], [4.0]]
+    cb = CurvatureLRScheduler(every_n_steps=1, tol=1e-8, loss_fn=probe_loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log = fit_quadratic(Quadratic([2.0], [0.7]), cb, steps=4, before=[SetCurvature(schedule)])
+    assert first(log.lrs) == pytest.approx([0.5, 0.5, 0.5, 0.25], rel=1e-14)
+    assert any("no float32 step can take" in str(w.message) for w in caught)
+    assert cb.last_estimate["curvature_lr/skipped"] == 2
+
+
+def test_a_budget_too_small_for_a_cold_estimate_is_refused_at_fit_start():
+    """Regression: tol=0.1, max_hvps=10 skipped every estimate of an MNIST run (the first, cold one never
+    certifies, so no warm vectors ever come) with one warning; now a ValueError names the argument."""
+    from chaos_callbacks import HessianSpectrumMonitor
+
+    with pytest.raises(ValueError, match=r"CurvatureLRScheduler: max_hvps=10 is below the 13 products"):
+        trainer(callbacks=[CurvatureLRScheduler(max_hvps=10)], max_steps=1, max_epochs=None).fit(TinyNet(), loader())
+    with pytest.raises(ValueError, match=r"HessianSpectrumMonitor: max_hvps=20 is below the 26 products"):
+        trainer(callbacks=[HessianSpectrumMonitor(top_k=2, max_hvps=20)], max_steps=1, max_epochs=None).fit(TinyNet(), loader())
+    CurvatureLRScheduler(mode="dal", max_hvps=2)  # DAL takes one product: no cold start
