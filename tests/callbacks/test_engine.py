@@ -246,8 +246,8 @@ def test_the_monitor_adds_no_harm_to_the_scheduler(model_kwargs, scheduler_kwarg
 # ------------------------------------------------------------------ failures
 def test_a_failed_shared_solve_is_a_skip_for_both_each_in_its_own_area():
     # float32: Weinstein residuals floor near 1e-6·λ, so tol 1e-9 is never certified within the budget
-    monitor = HessianSpectrumMonitor(every_n_steps=1, tol=1e-9, max_hvps=12, lambda_min=False)
-    scheduler = CurvatureLRScheduler(every_n_steps=1, tol=1e-9, max_hvps=12)
+    monitor = HessianSpectrumMonitor(every_n_steps=1, tol=1e-9, max_hvps=30, lambda_min=False)
+    scheduler = CurvatureLRScheduler(every_n_steps=1, tol=1e-9, max_hvps=30)
     pl.seed_everything(0, verbose=False)
     around = Around()
     with warnings.catch_warnings(record=True) as caught:
