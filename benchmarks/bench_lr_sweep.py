@@ -32,7 +32,8 @@ curvature run with its min–max), the gap to the best sweep point in points of 
 it), the cost ratio (training wall and CPU time, evaluation excluded, over the median of the task's
 non-diverged constant runs of the same seed; then averaged over seeds), and divergence: a run whose training
 loss turns non-finite is stopped and evaluated as it is (≈ chance accuracy), marked ``DIVERGED k/n``; one
-that ends below 20 % accuracy with a finite loss is marked ``at chance k/n``.
+that ends below 20 % accuracy with a finite loss is marked ``at chance k/n``; one ended by an exception
+(e.g. a rate beyond float32, which ``torch.optim.SGD`` refuses) is evaluated as it is and marked ``CRASHED k/n``.
 ``skipped``: curvature estimates the callback held the rate over (Lanczos not converged, etc.).
 
 Run from the repository root (default: one seed, 10k images, 2 epochs, 2k test images; ``--full``: seeds
@@ -125,6 +126,7 @@ class Run:
     const_lr: float | None = None
     skipped: int = 0
     estimates: int = 0
+    crashed: str | None = None  # the exception that ended the run (e.g. a rate that overflows float32)
 
 
 @dataclass
@@ -147,10 +149,13 @@ class Row:
         return sum(r.diverged_at is not None for r in self.runs)
 
     def failures(self) -> str:
-        """``DIVERGED k/n`` (non-finite loss), ``at chance k/n`` (finite loss, final accuracy < 20 %), or ``no``."""
-        chance = sum(r.diverged_at is None and r.acc < CHANCE for r in self.runs)
-        marks = [f"DIVERGED {self.diverged}/{len(self.runs)}"] * bool(self.diverged)
-        marks += [f"at chance {chance}/{len(self.runs)}"] * bool(chance)
+        """``CRASHED k/n`` (an exception ended the run), ``DIVERGED k/n`` (non-finite loss), ``at chance k/n``
+        (finite loss, final accuracy < 20 %), or ``no``."""
+        n = len(self.runs)
+        crashed = sum(r.crashed is not None for r in self.runs)
+        chance = sum(r.crashed is None and r.diverged_at is None and r.acc < CHANCE for r in self.runs)
+        marks = [f"CRASHED {crashed}/{n}"] * bool(crashed) + [f"DIVERGED {self.diverged}/{n}"] * bool(self.diverged)
+        marks += [f"at chance {chance}/{n}"] * bool(chance)
         return ", ".join(marks) or "no"
 
 
@@ -171,12 +176,17 @@ def train(task: Task, dm: Any, x_test: Tensor, y_test: Tensor, args: argparse.Na
     )  # fmt: skip
     loader = DataLoader(dm.train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    trainer.fit(module, train_dataloaders=loader)
+    crashed = None
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    except RuntimeError as exc:  # reported as a failure of the method, the benchmark goes on
+        crashed = f"{type(exc).__name__} at step {trainer.global_step}: {exc}"
+        print(f"  CRASHED: {crashed}", flush=True)
     wall, cpu = recorder.train_time()
-    if not recorder.evals:  # stopped early (diverged): what the user would be left with
+    if not recorder.evals:  # stopped early (diverged or crashed): what the user would be left with
         recorder.evaluate(trainer.global_step, module)
     run = Run(method, seed, recorder.evals[-1][1], wall, cpu, recorder.lrs, recorder.diverged_at,
-              const_lr=None if cb_kwargs is not None or cosine else lr)  # fmt: skip
+              const_lr=None if cb_kwargs is not None or cosine else lr, crashed=crashed)  # fmt: skip
     if scheduler is not None:
         run.skipped, run.estimates = scheduler._warn.count, scheduler._num_estimates
     return run
