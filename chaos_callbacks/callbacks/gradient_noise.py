@@ -71,6 +71,15 @@ def _sq_norm(tensors: Iterable[Tensor]) -> float:
     return float(torch.stack(sums).double().sum()) if sums else 0.0
 
 
+def _slice_gradient(pl_module: LightningModule, params: list[Tensor], batch: Any, start: int, stop: int,
+                    loss_fn: plumb.LossFn | None, batch_idx: int) -> list[Tensor]:
+    """The gradient of the user's loss on examples ``start:stop`` of ``batch`` (zeros for unused
+    parameters), by ``torch.autograd.grad``. Call inside ``no_harm``."""
+    loss = plumb.compute_loss(pl_module, slice_batch(batch, start, stop), loss_fn, batch_idx)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+
+
 def _flat(tensors: list[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -317,9 +326,8 @@ class GradientNoiseScale(Callback):
         params = plumb.trainable_parameters(pl_module)
         half = size // 2
         with plumb.no_harm(pl_module, train_mode=None):
-            loss = plumb.compute_loss(pl_module, slice_batch(batch, 0, half), self.loss_fn, batch_idx)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return step, _flat([torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]), half, size
+            grads = _slice_gradient(pl_module, params, batch, 0, half, self.loss_fn, batch_idx)
+        return step, _flat(grads), half, size
 
     @staticmethod
     def _halves(pl_module: LightningModule, half: tuple[int, Tensor, int, int], loss_scale: float) -> Pieces:
@@ -365,9 +373,7 @@ class GradientNoiseScale(Callback):
         small_sq, inv_sizes = 0.0, 0.0
         for chunk in torch.arange(size).tensor_split(parts):
             start, stop = int(chunk[0]), int(chunk[-1]) + 1
-            loss = plumb.compute_loss(pl_module, slice_batch(batch, start, stop), self.loss_fn, batch_idx)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+            grads = _slice_gradient(pl_module, params, batch, start, stop, self.loss_fn, batch_idx)
             small_sq += _sq_norm(grads)
             inv_sizes += 1.0 / (stop - start)
             for total, g in zip(big, grads):

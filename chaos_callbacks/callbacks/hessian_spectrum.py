@@ -383,11 +383,7 @@ class HessianSpectrumMonitor(Callback):
             raise plumb.EstimateSkipped("the probe loss is constant in the parameters (zero gradient and zero Hessian): "
                                         "is it detached from the model?")
         if self.trace:
-            deflate = {}
-            if self.method == "lanczos" and self._warm_vectors is not None:
-                deflate = dict(deflate_vectors=self._warm_vectors[: self.top_k], deflate_values=self._top_values)
-            est = hutchinson_trace(op, op.dim, num_samples=self.trace_samples, **deflate, **kw)
-            metrics["hessian/trace"], metrics["hessian/trace_stderr"] = est.trace, est.stderr
+            self._trace(op, metrics, kw)
         density = None
         if self.density and trainer.global_step % self.density_every_n_steps == 0:
             density = spectral_density(op, op.dim, num_probes=self.density_probes, steps=self.density_steps, **kw)
@@ -403,6 +399,15 @@ class HessianSpectrumMonitor(Callback):
         if not plumb.is_finite(*[v for v in metrics.values() if v is not None]):
             raise plumb.EstimateSkipped(f"non-finite estimate {metrics}")
         return {k: v for k, v in metrics.items() if v is not None}, density
+
+    def _trace(self, op: Any, metrics: dict[str, float], kw: dict[str, Any]) -> None:
+        """Hutchinson trace of ``op`` (the full operator or a block's view), deflated by the Ritz pairs of
+        its estimate (the monitor's warm vectors, or the block's inside :meth:`_warm_state_of`)."""
+        deflate = {}
+        if self.method == "lanczos" and self._warm_vectors is not None:
+            deflate = dict(deflate_vectors=self._warm_vectors[: self.top_k], deflate_values=self._top_values)
+        est = hutchinson_trace(op, op.dim, num_samples=self.trace_samples, **deflate, **kw)
+        metrics["hessian/trace"], metrics["hessian/trace_stderr"] = est.trace, est.stderr
 
     def _publish(self, shared: _engine.Shared, metrics: dict[str, float]) -> None:
         """Offer the certified top of the spectrum (values, bounds, Ritz vectors) to the step's other consumers."""
@@ -545,7 +550,7 @@ class HessianSpectrumMonitor(Callback):
                 try:
                     self._eigen(view, metrics, kw, self.tol, self.max_hvps)
                     if self.trace:
-                        self._block_trace(view, metrics, kw)
+                        self._trace(view, metrics, kw)
                 except Exception as exc:  # this block's failure; the others and the full estimate go on
                     self._block_skips.append((block, f"{type(exc).__name__}: {exc}"))
                     continue
@@ -555,14 +560,6 @@ class HessianSpectrumMonitor(Callback):
                 continue
             out.update({f"hessian/{block}/{k.removeprefix('hessian/')}": v for k, v in metrics.items()})
         return out
-
-    def _block_trace(self, view: Any, metrics: dict[str, float], kw: dict[str, Any]) -> None:
-        """Hutchinson trace of a block, deflated by its Ritz pairs as the full estimate is."""
-        deflate = {}
-        if self.method == "lanczos" and self._warm_vectors is not None:
-            deflate = dict(deflate_vectors=self._warm_vectors[: self.top_k], deflate_values=self._top_values)
-        est = hutchinson_trace(view, view.dim, num_samples=self.trace_samples, **deflate, **kw)
-        metrics["hessian/trace"], metrics["hessian/trace_stderr"] = est.trace, est.stderr
 
     @contextlib.contextmanager
     def _warm_state_of(self, block: str) -> Iterator[None]:
@@ -581,7 +578,6 @@ class HessianSpectrumMonitor(Callback):
         if self.AREA == "hessian":
             return metrics
         return {f"{self.AREA}/{k.removeprefix('hessian/')}" if k.startswith("hessian/") else k: v for k, v in metrics.items()}
-
 
     # ------------------------------------------------------------------ landscape
     def _basis(self, op: Any, metrics: dict[str, float]) -> landscape_.Basis | None:
