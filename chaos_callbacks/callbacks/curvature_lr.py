@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
-from torch.optim import SGD, Adam, AdamW, Optimizer
+from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from chaos_callbacks.callbacks import _engine
@@ -205,7 +205,6 @@ class CurvatureLRScheduler(Callback):
         self.seed = V.check_int(name, "seed", seed, minimum=0)
         self.scheduler: HeldLR | None = None
         self._warn = plumb.WarnOnce(type(self).__name__)
-        self._ratios: list[float] = []
         self._base: list[float] = []
         self._threshold = 2.0
         self._eta: float | None = None
@@ -248,13 +247,14 @@ class CurvatureLRScheduler(Callback):
         if not max(base) > 0:
             raise ValueError(f"{name} needs a positive learning rate in some parameter group, got {base}")
         self._base = base
-        self._ratios = [b / max(base) for b in base]
         if self._eta is None:
             self._eta = max(base)
         self.scheduler = HeldLR(optimizer, composed=composed)
         config = LRSchedulerConfig(self.scheduler, interval="step")
-        # composed: stepped before the user's schedulers, to put their own rates back first
-        trainer.strategy.lr_scheduler_configs.insert(0, config) if composed else trainer.strategy.lr_scheduler_configs.append(config)
+        if composed:  # stepped before the user's schedulers, to put their own rates back first
+            trainer.strategy.lr_scheduler_configs.insert(0, config)
+        else:
+            trainer.strategy.lr_scheduler_configs.append(config)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         engine = _engine.engine_for(trainer)
@@ -287,6 +287,11 @@ class CurvatureLRScheduler(Callback):
             plumb.log_scalars(trainer, pl_module, self.last_estimate, step, prog_bar=("curvature_lr/lr",), prefix=self.prefix)
 
     # ------------------------------------------------------------------ rate
+    @property
+    def _ratios(self) -> list[float]:
+        """Each group's base rate over the largest: ``b_i / max b``."""
+        return [b / max(self._base) for b in self._base]
+
     def _rates(self, optimizer: Optimizer) -> list[float]:
         """Each group's rate: ``η · b_i / max b`` times, composed with the user's schedulers, their current
         factor ``u_i / b_i`` (``u_i`` the rate they wrote for this step): ``η · u_i / max b``."""
@@ -297,7 +302,7 @@ class CurvatureLRScheduler(Callback):
     def _stability_threshold(self, optimizer: Optimizer) -> float:
         """``τ`` of edge-of-stability mode; refuses optimizers a mode cannot drive."""
         name, kind, groups = type(self).__name__, type(optimizer).__name__, optimizer.param_groups
-        if isinstance(optimizer, (Adam, AdamW)):
+        if is_adam(optimizer):
             if self.mode != "edge_of_stability":
                 return 2.0  # unused: the other modes take the preconditioned curvature as it is
             beta1 = {g["betas"][0] for g in groups}
