@@ -34,15 +34,15 @@ TIERS = ("economy", "business", "full")
 def tier_arguments(tier: str, every_n_steps: int = 16) -> dict[str, dict[str, Any]]:
     """The callbacks of ``tier`` by class name, each with its constructor arguments, in Trainer order."""
     c = every_n_steps
+    economy: dict[str, dict[str, Any]] = {
+        "GradientNoiseScale": {"every_n_steps": c},
+        "GradientTailFitter": {"every_n_steps": 8 * c, "per_layer": False},
+    }
     if tier == "economy":
-        tiers: dict[str, dict[str, Any]] = {
-            "GradientNoiseScale": {"every_n_steps": c},
-            "GradientTailFitter": {"every_n_steps": 8 * c, "per_layer": False},
-        }
+        tiers = economy
     elif tier == "business":
         tiers = {
-            "GradientNoiseScale": {"every_n_steps": c},
-            "GradientTailFitter": {"every_n_steps": 8 * c, "per_layer": False},
+            **economy,
             "HessianSpectrumMonitor": {"every_n_steps": 32 * c, "lambda_min": False},
             "DiffusionTracker": {"every_n_steps": c, "window": 20},
         }
