@@ -26,6 +26,7 @@ from chaos_callbacks.curvature.lr_rules import (
     drift_adjusted_lr,
     edge_of_stability_lr,
     ema,
+    momentum_factor,
     quasi_newton_lr,
     is_adam,
     scaled_operator,
@@ -173,6 +174,7 @@ class CurvatureLRScheduler(Callback):
         fraction: float = 0.9,
         power: float = 1.0,
         ema: float = 0.0,
+        early_estimates: bool = True,
         warmup_steps: int = 0,
         min_lr: float = 0.0,
         max_lr: float | None = None,
@@ -193,6 +195,7 @@ class CurvatureLRScheduler(Callback):
         self.fraction = V.check_float(name, "fraction", fraction, 0, low_open=True)
         self.power = V.check_float(name, "power", power, 0, 1)
         self.ema = V.check_float(name, "ema", ema, 0, 1, high_open=True)
+        self.early_estimates = V.check_bool(name, "early_estimates", early_estimates)
         self.warmup_steps = V.check_int(name, "warmup_steps", warmup_steps, minimum=0)
         self.min_lr = V.check_float(name, "min_lr", min_lr, 0)
         self.max_lr = V.check_float(name, "max_lr", max_lr, self.min_lr, low_open=self.min_lr == 0, allow_none=True)
@@ -207,6 +210,7 @@ class CurvatureLRScheduler(Callback):
         self._warn = plumb.WarnOnce(type(self).__name__)
         self._base: list[float] = []
         self._threshold = 2.0
+        self._momentum = 1.0
         self._eta: float | None = None
         self._curvature: float | None = None
         self._probe_batches: list[Any] | None = None
@@ -238,7 +242,7 @@ class CurvatureLRScheduler(Callback):
                              "optimizer. Keep one (a HessianSpectrumMonitor can watch another curvature alongside it)")
         optimizer = trainer.optimizers[0]
         composed = any(c.scheduler.optimizer is optimizer for c in trainer.lr_scheduler_configs)
-        self._threshold = self._stability_threshold(optimizer)
+        self._threshold, self._momentum = self._optimizer_rule(optimizer)
         if self.mode != "dal":
             dim = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
             V.check_cold_start_budget(name, "max_hvps", self.max_hvps, dim)
@@ -299,26 +303,28 @@ class CurvatureLRScheduler(Callback):
             return [self._eta * r for r in self._ratios]
         return [self._eta * float(g["lr"]) / max(self._base) for g in optimizer.param_groups]
 
-    def _stability_threshold(self, optimizer: Optimizer) -> float:
-        """``τ`` of edge-of-stability mode; refuses optimizers a mode cannot drive."""
+    def _optimizer_rule(self, optimizer: Optimizer) -> tuple[float, float]:
+        """``τ`` of edge-of-stability mode and the momentum factor of quasi-Newton mode
+        (:func:`~chaos_callbacks.curvature.lr_rules.momentum_factor`); refuses optimizers no mode can drive."""
         name, kind, groups = type(self).__name__, type(optimizer).__name__, optimizer.param_groups
-        if is_adam(optimizer):
+        if is_adam(optimizer):  # Adam's first moment is an average: its step is η P⁻¹ times a gradient, no factor
             if self.mode != "edge_of_stability":
-                return 2.0  # unused: the other modes take the preconditioned curvature as it is
+                return 2.0, 1.0
             beta1 = {g["betas"][0] for g in groups}
             if len(beta1) > 1:
                 raise ValueError(f"{name}: the parameter groups of {kind} have different beta1 {sorted(beta1)}")
-            return adam_threshold(beta1.pop())
+            return adam_threshold(beta1.pop()), 1.0
         if not isinstance(optimizer, SGD):
-            raise ValueError(
-                f"{name} drives torch.optim.SGD (every mode) and Adam/AdamW (mode='edge_of_stability'), got {kind}"
-            )
-        if self.mode != "edge_of_stability":
-            return 2.0
+            raise ValueError(f"{name} drives torch.optim.SGD and Adam/AdamW, got {kind}")
+        if self.mode == "dal":
+            return 2.0, 1.0
         rules = {(g["momentum"], g["dampening"], g["nesterov"]) for g in groups}
         if len(rules) > 1:
             raise ValueError(f"{name}: the parameter groups of SGD have different momentum settings {sorted(rules)}")
-        return sgd_threshold(*rules.pop())
+        rule = rules.pop()
+        if self.mode == "edge_of_stability":
+            return sgd_threshold(*rule), 1.0
+        return 2.0, momentum_factor(*rule)
 
     def _next_lr(self) -> float:
         """The rate from the smoothed curvature, clipped; the previous rate when there is none."""
@@ -331,7 +337,7 @@ class CurvatureLRScheduler(Callback):
     def _rate_for(self, c: float) -> float:
         """The mode's rate for the curvature ``c``, clipped to ``[min_lr, max_lr]``."""
         if self.mode == "quasi_newton":
-            lr = quasi_newton_lr(c, self.scale)
+            lr = quasi_newton_lr(c, self.scale) * self._momentum
         elif self.mode == "edge_of_stability":
             lr = edge_of_stability_lr(c, self.fraction, self._threshold)
         else:
@@ -361,11 +367,13 @@ class CurvatureLRScheduler(Callback):
         return outcome.hvps
 
     def _curvature_due(self, trainer: Trainer, step: int) -> bool:
-        """Estimates run at multiples of ``every_n_steps``, once per optimizer step; Adam's preconditioner
-        exists only after its first step, so until then there is nothing to estimate."""
+        """Estimates run at multiples of ``every_n_steps`` (and, ``early_estimates``, at the powers of two
+        below it), once per optimizer step; Adam's preconditioner exists only after its first step, so
+        until then there is nothing to estimate."""
         optimizer = trainer.optimizers[0]
         adam_unstarted = is_adam(optimizer) and not adam_started(optimizer)
-        return step != self._last_step and step % self.every_n_steps == 0 and not adam_unstarted
+        early = self.early_estimates and step < self.every_n_steps and step & (step - 1) == 0
+        return step != self._last_step and (step % self.every_n_steps == 0 or early) and not adam_unstarted
 
     def _curvature_request(self, trainer: Trainer, pl_module: LightningModule) -> _engine.Request:
         """The Hessian in the optimizer's coordinates; its ``λ_max`` may come from a shared solve

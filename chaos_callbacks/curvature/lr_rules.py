@@ -69,6 +69,24 @@ def sgd_threshold(momentum: float = 0.0, dampening: float = 0.0, nesterov: bool 
     return (2 + 2 * momentum) / (1 - dampening)
 
 
+def momentum_factor(momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False) -> float:
+    """``(1 − β)/(1 − d)``: the rate of plain gradient descent over the rate of ``torch.optim.SGD`` with
+    momentum ``β`` and dampening ``d`` that take the same step on a slowly varying gradient.
+
+    Heavy ball ``b ← βb + (1 − d)g, θ ← θ − ηb`` settles at ``b = (1 − d)g/(1 − β)``, a step of
+    ``η(1 − d)/(1 − β) · g``; Nesterov (``d = 0``) ``θ ← θ − η(g + βb)`` at ``η/(1 − β) · g``. A rate
+    meant for gradient descent is multiplied by this factor to give the same *effective* rate
+    (Goh, "Why momentum really works", Distill 2017). ``1`` without momentum.
+    """
+    if momentum == 0:
+        return 1.0
+    if nesterov:
+        return 1.0 - momentum
+    if dampening >= 1:
+        raise ValueError(f"SGD with momentum and dampening={dampening} ignores the gradient")
+    return (1.0 - momentum) / (1.0 - dampening)
+
+
 def adam_threshold(beta1: float) -> float:
     """Largest stable ``ηλ(P⁻¹H)`` of Adam with a frozen preconditioner: ``(2 + 2β₁)/(1 − β₁)``.
 

@@ -154,7 +154,7 @@ def test_zero_gradient_holds_the_rate_in_dal_mode():
 
 def test_warmup_ema_and_bounds():
     # curvature 2, 4, 8, 8: smoothed (ema 0.5) 2, 3, 5.5, 6.75; warm-up keeps step 0 at the own rate
-    cb = CurvatureLRScheduler(every_n_steps=1, ema=0.5, warmup_steps=1, tol=1e-8, loss_fn=probe_loss)
+    cb = CurvatureLRScheduler(every_n_steps=1, scale=1.0, ema=0.5, warmup_steps=1, tol=1e-8, loss_fn=probe_loss)
     schedule = [[2.0], [4.0], [8.0], [8.0]]
     log = fit_quadratic(Quadratic([2.0], [0.7], lr=0.1), cb, steps=4, before=[SetCurvature(schedule)])
     assert first(log.lrs) == pytest.approx([0.1, 1 / 3, 1 / 5.5, 1 / 6.75], rel=1e-13)
@@ -163,6 +163,27 @@ def test_warmup_ema_and_bounds():
     cb = CurvatureLRScheduler(every_n_steps=3, warmup_steps=2, min_lr=0.3, tol=1e-8)
     log = fit_quadratic(Quadratic([5.0], [0.7], lr=0.1), cb, steps=4)
     assert first(log.lrs) == [0.1, 0.1, 0.3, 0.3]  # 1/5 = 0.2 raised to min_lr
+
+
+@pytest.mark.parametrize("early, estimated", [(True, [0, 1, 2, 4, 8, 10]), (False, [0, 10])])
+def test_early_estimates_at_powers_of_two(early, estimated):
+    # curvature s + 1 at step s: the rate of step s is 1/(t + 1), t the latest estimate step
+    cb = CurvatureLRScheduler(every_n_steps=10, scale=1.0, early_estimates=early, tol=1e-8, loss_fn=probe_loss)
+    schedule = [[float(s + 1)] for s in range(13)]
+    log = fit_quadratic(Quadratic([2.0], [0.7], lr=0.1), cb, steps=13, before=[SetCurvature(schedule)])
+    latest = [max(t for t in estimated if t <= s) for s in range(13)]
+    assert first(log.lrs) == pytest.approx([1 / (t + 1) for t in latest], rel=1e-13)
+
+
+@pytest.mark.parametrize(
+    "kwargs, factor",
+    [(dict(momentum=0.9), 0.1), (dict(momentum=0.9, dampening=0.5), 0.2), (dict(momentum=0.8, nesterov=True), 0.2), ({}, 1.0)],
+)
+def test_quasi_newton_matches_the_effective_rate_of_momentum(kwargs, factor):
+    # heavy ball steps η(1 − d)/(1 − β)·g on a steady gradient: η = s(1 − β)/(1 − d)/λ_max gives s/λ_max
+    cb = CurvatureLRScheduler(every_n_steps=1, scale=2.0, tol=1e-10)
+    log = fit_quadratic(Quadratic([1.0, 4.0], [1.0, 1.0], **kwargs), cb, steps=2)
+    assert first(log.lrs) == pytest.approx([2.0 * factor / 4] * 2, rel=1e-12)
 
 
 def test_param_groups_keep_their_ratios():
