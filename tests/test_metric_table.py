@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
 
 from chaos_callbacks import (
     ChaosSummary,
@@ -26,6 +27,7 @@ from chaos_callbacks import (
     HessianSpectrumMonitor,
     LyapunovTwinRun,
 )
+from tests.conformance import zoo_modules as zoo
 from tests.lightning_helpers import AREAS, TinyNet, loader, ours, trainer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -113,7 +115,12 @@ def tags_of_a_run(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     pl.seed_everything(0, verbose=False)
     run = trainer(callbacks=adam, logger=TensorBoardLogger(root, name="", version=1), max_epochs=2)
     run.fit(WithValidation(optimizer="adam", lr=0.01), loader(), loader())
-    return {tag for version in ("version_0", "version_1") for tag in logged_tags(root / version) if ours(tag)}
+    # what only several optimizers write: one curvature rate per optimizer (a manual-optimization GAN)
+    gan = [CurvatureLRScheduler(every_n_steps=2, loss_fn=[zoo.gan_generator_loss, zoo.gan_discriminator_loss])]
+    pl.seed_everything(0, verbose=False)
+    run = trainer(callbacks=gan, logger=TensorBoardLogger(root, name="", version=2), max_steps=8, max_epochs=None)
+    run.fit(zoo.GAN(), DataLoader(zoo.gan_data(), batch_size=16))
+    return {tag for version in ("version_0", "version_1", "version_2") for tag in logged_tags(root / version) if ours(tag)}
 
 
 class WithValidation(TinyNet):
@@ -128,7 +135,8 @@ def test_the_run_wrote_every_area(tags_of_a_run: set[str]):
                 "free/lyapunov/saturated", "tangent/lyapunov/hvps", "curvature_lr/lr", "diffusion/exponent",
                 "diffusion/loss_variance", "diffusion/msd", "grad_tail/alpha", "grad_tail/log10_abs_samples",
                 "hessian/first/lambda_max", "ggn/lambda_max", "ggn/last/lambda_max", "hessian/batch_sharpness",
-                "hessian/preconditioned_lambda_max", "val/hessian/lambda_max", "gradient_noise/b_simple", "hessian/landscape"):  # fmt: skip
+                "hessian/preconditioned_lambda_max", "val/hessian/lambda_max", "gradient_noise/b_simple", "hessian/landscape",
+                "curvature_lr/optimizer_1/lambda"):  # fmt: skip
         assert tag in tags_of_a_run
     assert {tag.split("/")[-2] for tag in tags_of_a_run if len(tag.split("/")) == 2} == AREAS
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -76,12 +78,16 @@ class HeldLR(LRScheduler):
 class CurvatureLRScheduler(Callback):
     """Set the learning rate from the curvature of the loss, estimated live during training.
 
-    Every ``every_n_steps`` optimizer steps, before the step and on the weights it uses, the
-    curvature ``c`` of the probe loss is estimated by exact Hessian-vector products, smoothed
-    (``c̄ ← ema · c̄ + (1 − ema) · c``) and turned into the learning rate ``η`` of that step:
+    Every ``every_n_steps`` optimizer steps (and, with ``early_estimates``, at steps 1, 2, 4, 8, …
+    below it), before the step and on the weights it uses, the curvature ``c`` of the probe loss is
+    estimated by exact Hessian-vector products, smoothed (``c̄ ← ema · c̄ + (1 − ema) · c``) and
+    turned into the learning rate ``η`` of that step:
 
-    - ``mode="quasi_newton"`` (default): ``η = scale / λ_max`` (Sasdelli et al., OpenReview
-      37Fh1MiR5Ze), ``λ_max`` by warm-started Lanczos;
+    - ``mode="quasi_newton"`` (default): ``η = scale · m / λ_max`` (Sasdelli et al., OpenReview
+      37Fh1MiR5Ze), ``λ_max`` by warm-started Lanczos, ``m = (1 − β)/(1 − d)`` for SGD with momentum
+      ``β`` and dampening ``d`` (``1 − β`` with Nesterov, ``1`` without momentum and for Adam): heavy
+      ball takes steps ``η/m`` times the gradient once its buffer has settled, so ``m`` makes the
+      *effective* rate ``scale / λ_max`` whatever the momentum (Goh, Distill 2017);
     - ``mode="edge_of_stability"``: ``η = fraction · τ / λ_max`` with ``τ`` the optimizer's
       stability threshold: ``2`` for SGD, ``(2 + 2β)/(1 − d)`` with heavy-ball momentum ``β`` and
       dampening ``d``, ``(2 + 2β)/(1 + 2β)`` with Nesterov momentum; for Adam/AdamW
@@ -119,8 +125,13 @@ class CurvatureLRScheduler(Callback):
     **Optimizers.** ``torch.optim.SGD`` and Adam/AdamW in every mode; for Adam every mode takes the
     preconditioned curvature (quasi-Newton ``scale / λ_max(P^{-1/2} H P^{-1/2})``, DAL
     ``v = ‖SHS(Sg)‖/‖Sg‖`` with ``S = P^{-1/2}``), the step Adam actually takes being ``η P⁻¹``
-    times its (momentum) gradient; anything else, and more than one optimizer, is refused at fit
-    start (no rule is defined for them). Weight decay is not part of the curvature. Adam has no
+    times its (momentum) gradient; any other optimizer is refused at fit start (no rule is defined
+    for it). Weight decay is not part of the curvature. **Several optimizers** (manual optimization,
+    e.g. a GAN) get one rate each, from the curvature of *their* loss in *their* parameters (the
+    diagonal block of its Hessian, in the optimizer's coordinates): ``loss_fn=[loss_0, loss_1, …]``
+    gives one loss per optimizer in ``configure_optimizers``' order (a GAN: the generator's and the
+    discriminator's losses); a single ``loss_fn`` means every optimizer minimises that loss. Losses
+    that are equal share one forward pass. Adam has no
     preconditioner before its first step, so the estimate due at step 0 is left out and the
     optimizer's own rate holds until the next one.
 
@@ -135,22 +146,38 @@ class CurvatureLRScheduler(Callback):
     not depend on which monitors are attached (the forward is still shared). The shared ``λ_max``
     differs from the one this callback would find alone by at most the two certified bounds.
 
+    **The defaults** (``scale=3``, ``ema=0.9``, ``early_estimates=True``) were chosen on
+    ``benchmarks/bench_lr_sweep.py`` (MNIST MLP with SGD, LeNet with SGD momentum 0.9, a BatchNorm
+    ResNet with AdamW, each from a poor initial rate; table in the README): within about half a
+    point of the best rate of a 6-point constant sweep on all three. ``1/λ_max`` itself (the paper's
+    rule, ``scale=1``) is stable but 2–5× too small for SGD, which settles where ``λ_max ≈ 1.2–2/η``
+    (REPRODUCTION.md); ``scale=3`` on a smoothed *mini-batch* ``λ_max`` (larger than the full-batch
+    one) lands there. Smoothing holds the rate through single-batch spikes of ``λ_max``. Early in
+    training ``λ_max`` grows 10–100× within tens of steps (progressive sharpening, Cohen et al.
+    ICLR 2021): a rate set at step 0 and held for ``every_n_steps`` steps overshoots and can kill a
+    ReLU network (LeNet: 1 run in 3 at chance); estimating at steps 1, 2, 4, 8, … follows the
+    sharpening as it happens, at ``log₂(every_n_steps)`` extra estimates per fit.
+
     Logs ``curvature_lr/lr`` (``η``), ``curvature_lr/lambda`` (the smoothed curvature in use) and
     ``curvature_lr/skipped`` at every estimate step and when warm-up ends, and ``curvature_lr/hvps``
     at every estimate step: the Hessian-vector products this callback took (0 when it reused another
-    callback's solve).
+    callback's solve). With several optimizers, optimizer ``k`` (``configure_optimizers``' order)
+    logs ``curvature_lr/optimizer_<k>/lr``, ``…/lambda`` and ``…/hvps`` instead.
 
     Args:
         every_n_steps: cadence in optimizer steps (estimates run when ``global_step`` is a
             multiple of it, including step 0); the rate is held in between.
         mode: ``"quasi_newton"``, ``"edge_of_stability"`` or ``"dal"``.
-        scale: ``c`` of the quasi-Newton rate ``c / λ_max`` (> 0).
+        scale: ``c`` of the quasi-Newton rate ``c · m / λ_max`` (> 0).
         fraction: fraction of the stability threshold in ``edge_of_stability`` mode (> 0).
         power: ``p ∈ [0, 1]`` of the drift-adjusted rate.
         ema: smoothing of the curvature, in ``[0, 1)`` (0: none).
+        early_estimates: also estimate at steps 1, 2, 4, 8, … below ``every_n_steps``, to follow the
+            early growth of the curvature.
         warmup_steps: steps at the optimizer's own rate before the curvature rate takes over.
         min_lr, max_lr: bounds of ``η`` (``max_lr=None``: no upper bound).
-        loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's own ``training_step``.
+        loss_fn: ``loss_fn(module, batch) -> scalar``, or a sequence of them, one per optimizer;
+            default: the module's own ``training_step`` (automatic optimization only).
         probe: ``"batch"`` (the current training batch) or an int ``N`` (a fixed probe set of the
             first ``N`` training examples drawn at fit start).
         tol: relative tolerance of the Lanczos ``λ_max``.
@@ -170,15 +197,15 @@ class CurvatureLRScheduler(Callback):
         self,
         every_n_steps: int = 10,
         mode: Mode = "quasi_newton",
-        scale: float = 1.0,
+        scale: float = 3.0,
         fraction: float = 0.9,
         power: float = 1.0,
-        ema: float = 0.0,
+        ema: float = 0.9,
         early_estimates: bool = True,
         warmup_steps: int = 0,
         min_lr: float = 0.0,
         max_lr: float | None = None,
-        loss_fn: plumb.LossFn | None = None,
+        loss_fn: plumb.LossFn | Sequence[plumb.LossFn] | None = None,
         probe: Literal["batch"] | int = "batch",
         tol: float = 1e-2,
         max_hvps: int = 50,
@@ -199,29 +226,28 @@ class CurvatureLRScheduler(Callback):
         self.warmup_steps = V.check_int(name, "warmup_steps", warmup_steps, minimum=0)
         self.min_lr = V.check_float(name, "min_lr", min_lr, 0)
         self.max_lr = V.check_float(name, "max_lr", max_lr, self.min_lr, low_open=self.min_lr == 0, allow_none=True)
-        self.loss_fn = V.check_callable(name, "loss_fn", loss_fn)
+        self.loss_fn = _check_losses(name, loss_fn)
         self.probe = V.check_probe(name, "probe", probe)
         self.tol = V.check_float(name, "tol", tol, 0, 1, low_open=True, high_open=True)
         self.max_hvps = V.check_int(name, "max_hvps", max_hvps, minimum=2)
         self.warm_start = V.check_bool(name, "warm_start", warm_start)
         self.share = V.check_bool(name, "share", share)
         self.seed = V.check_int(name, "seed", seed, minimum=0)
-        self.scheduler: HeldLR | None = None
         self._warn = plumb.WarnOnce(type(self).__name__)
-        self._base: list[float] = []
-        self._threshold = 2.0
-        self._momentum = 1.0
-        self._eta: float | None = None
-        self._curvature: float | None = None
+        self._rates: list[_OptimizerRate] = []
+        self._restored: list[dict[str, Any]] = []
         self._probe_batches: list[Any] | None = None
-        self._warm_vectors: Tensor | None = None
         self._last_step = -1
-        self._num_estimates = 0
         self.last_estimate: dict[str, float] = {}
 
     @functools.cached_property  # Lightning reads it at every hook call; the settings it names are fixed
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, mode=self.mode, probe=self.probe, **plumb.prefix_key(self.prefix))
+
+    @property
+    def scheduler(self) -> HeldLR | None:
+        """The :class:`HeldLR` of the (first) optimizer, once fitting has started."""
+        return self._rates[0].scheduler if self._rates else None
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -234,35 +260,57 @@ class CurvatureLRScheduler(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         name = type(self).__name__
-        plumb.check_loss_resolvable(pl_module, self.loss_fn, name)
-        if len(trainer.optimizers) != 1:
-            raise ValueError(f"{name} sets the rate of exactly one optimizer; the module configured {len(trainer.optimizers)}")
         if any(isinstance(cb, CurvatureLRScheduler) and cb is not self for cb in trainer.callbacks):
-            raise ValueError(f"{name}: Trainer(callbacks=...) holds two {name}s; both would set the learning rate of the one "
-                             "optimizer. Keep one (a HessianSpectrumMonitor can watch another curvature alongside it)")
-        optimizer = trainer.optimizers[0]
+            raise ValueError(f"{name}: Trainer(callbacks=...) holds two {name}s; both would set the learning rate of the "
+                             "same optimizers. Keep one (a HessianSpectrumMonitor can watch another curvature alongside it)")
+        optimizers = trainer.optimizers
+        losses = self._losses_for(len(optimizers))
+        for loss_fn in set(losses):
+            plumb.check_loss_resolvable(pl_module, loss_fn, name)
+        restored = self._restored if len(self._restored) == len(optimizers) else [{}] * len(optimizers)
+        self._rates = [self._rate_for_optimizer(trainer, pl_module, k, opt, loss_fn, state)
+                       for k, (opt, loss_fn, state) in enumerate(zip(optimizers, losses, restored))]
+
+    def _losses_for(self, count: int) -> list[plumb.LossFn | None]:
+        """One loss per optimizer: the ``loss_fn`` sequence, or the one loss for every optimizer."""
+        if not isinstance(self.loss_fn, tuple):
+            return [self.loss_fn] * count
+        if len(self.loss_fn) != count:
+            raise ValueError(f"{type(self).__name__}: loss_fn holds {len(self.loss_fn)} losses for the module's {count} "
+                             "optimizers; give one per optimizer, in configure_optimizers' order")
+        return list(self.loss_fn)
+
+    def _rate_for_optimizer(self, trainer: Trainer, pl_module: LightningModule, index: int, optimizer: Optimizer,
+                            loss_fn: plumb.LossFn | None, state: dict[str, Any]) -> _OptimizerRate:
+        """Check ``optimizer`` can be driven, register its :class:`HeldLR`, restore its state."""
+        name = type(self).__name__
         composed = any(c.scheduler.optimizer is optimizer for c in trainer.lr_scheduler_configs)
-        self._threshold, self._momentum = self._optimizer_rule(optimizer)
+        if composed and not pl_module.automatic_optimization:
+            raise ValueError(f"{name}: under manual optimization the module steps its own learning-rate schedulers, so "
+                             "their shape cannot be composed with the curvature rate; remove the scheduler of "
+                             f"optimizer {index} or step the rate yourself")
+        threshold, momentum = self._optimizer_rule(optimizer)
         if self.mode != "dal":
             dim = sum(p.numel() for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
             V.check_cold_start_budget(name, "max_hvps", self.max_hvps, dim)
         # the base rates: the user's schedulers' (initial_lr), else the groups' rates at fit start
         base = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
         if not max(base) > 0:
-            raise ValueError(f"{name} needs a positive learning rate in some parameter group, got {base}")
-        self._base = base
-        if self._eta is None:
-            self._eta = max(base)
-        self.scheduler = HeldLR(optimizer, composed=composed)
-        config = LRSchedulerConfig(self.scheduler, interval="step")
+            raise ValueError(f"{name} needs a positive learning rate in some parameter group of optimizer {index}, got {base}")
+        scheduler = HeldLR(optimizer, composed=composed)
+        config = LRSchedulerConfig(scheduler, interval="step")
         if composed:  # stepped before the user's schedulers, to put their own rates back first
             trainer.strategy.lr_scheduler_configs.insert(0, config)
         else:
             trainer.strategy.lr_scheduler_configs.append(config)
+        rate = _OptimizerRate(self, index, optimizer, loss_fn, scheduler, base, threshold, momentum, eta=max(base))
+        rate.load_state_dict(state)
+        return rate
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         engine = _engine.engine_for(trainer)
-        engine.register(self)
+        for rate in self._rates:
+            engine.register(rate)
         if isinstance(self.probe, int):
             self._probe_batches = engine.probe_set(trainer, self.probe, self._probe_batches)
 
@@ -271,37 +319,44 @@ class CurvatureLRScheduler(Callback):
         step = trainer.global_step
         if step == self._last_step:  # later micro-batches of an accumulated step
             return
-        estimate = self._curvature_due(trainer, step)
         self._last_step = step
-        optimizer = trainer.optimizers[0]
-        hvps = self._update_curvature(trainer, pl_module, batch, batch_idx, step) if estimate else None
+        metrics: dict[str, float] = {}
+        for rate in self._rates:
+            metrics.update(self._step_rate(rate, trainer, pl_module, batch, batch_idx, step))
+        if metrics:
+            self.last_estimate = metrics
+            rates = tuple(tag for tag in metrics if tag.endswith("/lr"))  # each optimizer's rate on the progress bar
+            plumb.log_scalars(trainer, pl_module, metrics, step, prog_bar=rates, prefix=self.prefix)
+
+    def _step_rate(self, rate: _OptimizerRate, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                   step: int) -> dict[str, float]:
+        """Estimate (when due) and set one optimizer's rate for this step; its metrics to log."""
+        estimate = rate._curvature_due(trainer, step)
+        hvps = self._update_curvature(rate, trainer, pl_module, batch, batch_idx, step) if estimate else None
+        rate.last_step = step
         switch = step >= self.warmup_steps and (estimate or step == self.warmup_steps)
-        if switch or (self.scheduler.composed and step > self.warmup_steps):
+        if switch or (rate.scheduler.composed and step > self.warmup_steps):
             if switch:
-                self._eta = self._next_lr()
-            self.scheduler.hold(self._rates(optimizer))
-        if estimate or switch:
-            metrics = {
-                "curvature_lr/lr": max(float(g["lr"]) for g in optimizer.param_groups),
-                "curvature_lr/lambda": self._curvature,
-                "curvature_lr/skipped": float(self._warn.count),
-                "curvature_lr/hvps": None if hvps is None else float(hvps),
-            }
-            self.last_estimate = {k: v for k, v in metrics.items() if v is not None}
-            plumb.log_scalars(trainer, pl_module, self.last_estimate, step, prog_bar=("curvature_lr/lr",), prefix=self.prefix)
+                rate.eta = self._next_lr(rate)
+            rate.scheduler.hold(self._group_rates(rate))
+        if not (estimate or switch):
+            return {}
+        area = "curvature_lr/" if len(self._rates) == 1 else f"curvature_lr/optimizer_{rate.index}/"
+        metrics = {
+            area + "lr": max(float(g["lr"]) for g in rate.optimizer.param_groups),
+            area + "lambda": rate.curvature,
+            "curvature_lr/skipped": float(self._warn.count),
+            area + "hvps": None if hvps is None else float(hvps),
+        }
+        return {k: v for k, v in metrics.items() if v is not None}
 
     # ------------------------------------------------------------------ rate
-    @property
-    def _ratios(self) -> list[float]:
-        """Each group's base rate over the largest: ``b_i / max b``."""
-        return [b / max(self._base) for b in self._base]
-
-    def _rates(self, optimizer: Optimizer) -> list[float]:
+    def _group_rates(self, rate: _OptimizerRate) -> list[float]:
         """Each group's rate: ``η · b_i / max b`` times, composed with the user's schedulers, their current
         factor ``u_i / b_i`` (``u_i`` the rate they wrote for this step): ``η · u_i / max b``."""
-        if not self.scheduler.composed:
-            return [self._eta * r for r in self._ratios]
-        return [self._eta * float(g["lr"]) / max(self._base) for g in optimizer.param_groups]
+        if not rate.scheduler.composed:
+            return [rate.eta * r for r in rate.ratios]
+        return [rate.eta * float(g["lr"]) / max(rate.base) for g in rate.optimizer.param_groups]
 
     def _optimizer_rule(self, optimizer: Optimizer) -> tuple[float, float]:
         """``τ`` of edge-of-stability mode and the momentum factor of quasi-Newton mode
@@ -326,80 +381,76 @@ class CurvatureLRScheduler(Callback):
             return sgd_threshold(*rule), 1.0
         return 2.0, momentum_factor(*rule)
 
-    def _next_lr(self) -> float:
+    def _next_lr(self, rate: _OptimizerRate) -> float:
         """The rate from the smoothed curvature, clipped; the previous rate when there is none."""
-        held = clamp_lr(self._eta, self.min_lr, self.max_lr)
-        if self._curvature is None:
+        held = clamp_lr(rate.eta, self.min_lr, self.max_lr)
+        if rate.curvature is None:
             return held
-        lr = self._rate_for(self._curvature)
+        lr = self._rate_for(rate, rate.curvature)
         return lr if math.isfinite(lr) and lr > 0 else held
 
-    def _rate_for(self, c: float) -> float:
+    def _rate_for(self, rate: _OptimizerRate, c: float) -> float:
         """The mode's rate for the curvature ``c``, clipped to ``[min_lr, max_lr]``."""
         if self.mode == "quasi_newton":
-            lr = quasi_newton_lr(c, self.scale) * self._momentum
+            lr = quasi_newton_lr(c, self.scale) * rate.momentum
         elif self.mode == "edge_of_stability":
-            lr = edge_of_stability_lr(c, self.fraction, self._threshold)
+            lr = edge_of_stability_lr(c, self.fraction, rate.threshold)
         else:
             lr = drift_adjusted_lr(c, self.power, self.max_lr if self.max_lr is not None else math.inf)
         return clamp_lr(lr, self.min_lr, self.max_lr)
 
     # ------------------------------------------------------------------ estimate
-    def _update_curvature(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, step: int) -> int:
+    def _update_curvature(self, rate: _OptimizerRate, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                          batch_idx: int, step: int) -> int:
         """Take this step's estimate from the engine into the smoothed curvature; returns the products it took."""
-        outcome = _engine.engine_for(trainer).estimate(self, trainer, pl_module, batch, batch_idx)
+        outcome = _engine.engine_for(trainer).estimate(rate, trainer, pl_module, batch, batch_idx)
+        which = "" if len(self._rates) == 1 else f" of optimizer {rate.index}"
         try:
             value = outcome.get()
         except Exception as exc:  # any failure of a diagnostic estimate holds the rate; training goes on
-            self._warn(type(exc).__name__, f"curvature estimate skipped at step {step}, learning rate held ({type(exc).__name__}: {exc})")
+            self._warn(type(exc).__name__, f"curvature estimate{which} skipped at step {step}, learning rate held ({type(exc).__name__}: {exc})")
             return outcome.hvps
         problem = curvature_problem(value)
         if problem is not None:
-            self._warn(problem, f"{problem} ({value}) at step {step}, learning rate held")
+            self._warn(problem, f"{problem} ({value}){which} at step {step}, learning rate held")
             return outcome.hvps
-        smoothed = ema(self._curvature, value, self.ema)
-        rate = self._rate_for(smoothed)
-        if not (math.isfinite(rate) and rate <= MAX_RATE):  # an optimizer step would overflow: never crash the run
-            self._warn("rate overflow", f"the curvature {value:.3g} at step {step} gives a learning rate {rate:.3g} that no "
+        smoothed = ema(rate.curvature, value, self.ema)
+        lr = self._rate_for(rate, smoothed)
+        if not (math.isfinite(lr) and lr <= MAX_RATE):  # an optimizer step would overflow: never crash the run
+            self._warn("rate overflow", f"the curvature {value:.3g}{which} at step {step} gives a learning rate {lr:.3g} that no "
                        "float32 step can take (a dead or flat network?); learning rate held. Set max_lr to bound it")
             return outcome.hvps
-        self._curvature = smoothed
+        rate.curvature = smoothed
         return outcome.hvps
 
-    def _curvature_due(self, trainer: Trainer, step: int) -> bool:
+    def _estimate_due(self, rate: _OptimizerRate, step: int) -> bool:
         """Estimates run at multiples of ``every_n_steps`` (and, ``early_estimates``, at the powers of two
         below it), once per optimizer step; Adam's preconditioner exists only after its first step, so
         until then there is nothing to estimate."""
-        optimizer = trainer.optimizers[0]
-        adam_unstarted = is_adam(optimizer) and not adam_started(optimizer)
+        adam_unstarted = is_adam(rate.optimizer) and not adam_started(rate.optimizer)
         early = self.early_estimates and step < self.every_n_steps and step & (step - 1) == 0
-        return step != self._last_step and (step % self.every_n_steps == 0 or early) and not adam_unstarted
+        return step != rate.last_step and (step % self.every_n_steps == 0 or early) and not adam_unstarted
 
-    def _curvature_request(self, trainer: Trainer, pl_module: LightningModule) -> _engine.Request:
-        """The Hessian in the optimizer's coordinates; its ``λ_max`` may come from a shared solve
-        when the step's scaling is the identity (``share``)."""
-        params, scale = self._coordinates(trainer.optimizers[0])
+    def _request(self, rate: _OptimizerRate) -> _engine.Request:
+        """The Hessian of the optimizer's loss in its coordinates; its ``λ_max`` may come from a shared
+        solve when the step's scaling is the identity (``share``)."""
+        params, scale = step_scaling(rate.optimizer, rate.ratios)
+        if not params:
+            raise NoTrainableParametersError("the optimizer has no parameters with requires_grad=True")
         plain = self.share and scale is None and self.mode != "dal"
         return _engine.Request(
-            compute=lambda shared: self._estimate(shared, scale),
+            compute=lambda shared: self._estimate(rate, shared, scale),
             params=params,
-            loss_fn=self.loss_fn,
+            loss_fn=rate.loss_fn,
             probe=self._probe_batches,
             train_mode=True,
             top=_engine.TopNeed(self.tol, self.max_hvps) if plain else None,
         )
 
-    def _coordinates(self, optimizer: Optimizer) -> tuple[list[Tensor], Tensor | None]:
-        """The optimizer's trainable parameters and the scaling ``S`` of its step (``None``: identity)."""
-        params, scale = step_scaling(optimizer, self._ratios)
-        if not params:
-            raise NoTrainableParametersError("the optimizer has no parameters with requires_grad=True")
-        return params, scale
-
-    def _estimate(self, shared: _engine.Shared, scale: Tensor | None) -> float | None:
+    def _estimate(self, rate: _OptimizerRate, shared: _engine.Shared, scale: Tensor | None) -> float | None:
         """The curvature on the step's shared operator (inside ``no_harm``), in the coordinates ``θ = S θ'``."""
-        generator = torch.Generator().manual_seed(self.seed + self._num_estimates)
-        self._num_estimates += 1
+        generator = torch.Generator().manual_seed(self.seed + rate.num_estimates + (rate.index << 32))
+        rate.num_estimates += 1
         op = shared.operator
         if not plumb.is_finite(op.loss) or not torch.isfinite(op.gradient).all():
             raise plumb.EstimateSkipped(f"non-finite probe loss or gradient (loss={op.loss})")
@@ -411,34 +462,83 @@ class CurvatureLRScheduler(Callback):
             top = shared.top()
             if top is not None and top.meets(_engine.TopNeed(self.tol, self.max_hvps)):
                 if top.vectors is not None:
-                    self._warm_vectors = top.vectors[:1].detach().clone()
+                    rate.warm_vectors = top.vectors[:1].detach().clone()
                 return top.values[0]
         matvec = op if scale is None else scaled_operator(op, scale)
-        init = self._warm_vectors if self.warm_start else None
+        init = rate.warm_vectors if self.warm_start else None
         res = lanczos(matvec, op.dim, k=1, want_min=False, tol=self.tol, max_matvecs=self.max_hvps,
                       init=init, generator=generator, dtype=op.dtype, device=op.device)
         if not res.converged:
             raise plumb.EstimateSkipped(f"Lanczos did not reach tol={self.tol} in max_hvps={self.max_hvps} HVPs")
-        self._warm_vectors = res.eigenvectors.detach()
+        rate.warm_vectors = res.eigenvectors.detach()
         return float(res.eigenvalues[0])
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {
-            "eta": self._eta,
-            "curvature": self._curvature,
-            "warm_vectors": None if self._warm_vectors is None else self._warm_vectors.cpu(),
+            "rates": [rate.state_dict() for rate in self._rates] or self._restored,
             "probe_batches": self._probe_batches,
             "last_step": self._last_step,
-            "num_estimates": self._num_estimates,
             "skipped": self._warn.count,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._eta = state_dict["eta"]
-        self._curvature = state_dict["curvature"]
-        self._warm_vectors = state_dict["warm_vectors"]
+        # checkpoints of 0.1 hold the one optimizer's state at the top level
+        self._restored = state_dict["rates"] if "rates" in state_dict else [state_dict]
+        for rate, state in zip(self._rates, self._restored):
+            rate.load_state_dict(state)
         self._probe_batches = state_dict["probe_batches"]
         self._last_step = state_dict["last_step"]
-        self._num_estimates = state_dict["num_estimates"]
         self._warn.count = state_dict["skipped"]
+
+
+@dataclass(eq=False)
+class _OptimizerRate:
+    """One optimizer under :class:`CurvatureLRScheduler`: its base rates, rule constants, current rate
+    ``eta``, smoothed curvature and warm vector — and the curvature engine's consumer for its loss and
+    parameters (``_curvature_due``, ``_curvature_request``)."""
+
+    owner: CurvatureLRScheduler
+    index: int
+    optimizer: Optimizer
+    loss_fn: plumb.LossFn | None
+    scheduler: HeldLR
+    base: list[float]
+    threshold: float
+    momentum: float
+    eta: float
+    curvature: float | None = None
+    warm_vectors: Tensor | None = None
+    num_estimates: int = 0
+    last_step: int = -1
+
+    @property
+    def ratios(self) -> list[float]:
+        """Each group's base rate over the largest: ``b_i / max b``."""
+        return [b / max(self.base) for b in self.base]
+
+    def _curvature_due(self, trainer: Trainer, step: int) -> bool:
+        return self.owner._estimate_due(self, step)
+
+    def _curvature_request(self, trainer: Trainer, pl_module: LightningModule) -> _engine.Request:
+        return self.owner._request(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"eta": self.eta, "curvature": self.curvature, "num_estimates": self.num_estimates, "last_step": self.last_step,
+                "warm_vectors": None if self.warm_vectors is None else self.warm_vectors.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.eta, self.curvature, self.num_estimates = state["eta"], state["curvature"], state["num_estimates"]
+        self.warm_vectors = state["warm_vectors"]
+        self.last_step = state.get("last_step", -1)
+
+
+def _check_losses(owner: str, loss_fn: Any) -> plumb.LossFn | tuple[plumb.LossFn, ...] | None:
+    """``None``, one loss for every optimizer, or a non-empty sequence of losses (one per optimizer)."""
+    if isinstance(loss_fn, (list, tuple)):
+        if not loss_fn:
+            raise ValueError(f"{owner}: loss_fn must be a callable, a non-empty sequence of callables or None, got []")
+        return tuple(V.check_callable(owner, "loss_fn", f, allow_none=False) for f in loss_fn)
+    return V.check_callable(owner, "loss_fn", loss_fn)

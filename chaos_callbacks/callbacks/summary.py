@@ -45,8 +45,8 @@ CUSTOM_SCALARS_LAYOUT: dict[str, dict[str, list]] = {
         "twin's training loss": ["Multiline", [r"lyapunov/twin_loss$"]],
     },
     "curvature_lr": {
-        "learning rate": ["Multiline", [r"curvature_lr/lr$"]],
-        "curvature in use": ["Multiline", [r"curvature_lr/lambda$"]],
+        "learning rate": ["Multiline", [r"curvature_lr/(optimizer_\d+/)?lr$"]],
+        "curvature in use": ["Multiline", [r"curvature_lr/(optimizer_\d+/)?lambda$"]],
     },
     "diffusion": {
         "MSD exponent alpha (one point per window; Images: diffusion/exponents)": ["Multiline", [r"diffusion/exponent$"]],

@@ -58,6 +58,12 @@ class StepLog(pl.Callback):
         self.lrs.append([g["lr"] for g in optimizer.param_groups])
 
 
+def Scheduler(**kwargs: Any) -> CurvatureLRScheduler:
+    """The rules in their plain form (``scale=1``, no smoothing), so that rates are closed forms;
+    the defaults are tested in :func:`test_the_defaults`."""
+    return CurvatureLRScheduler(**{"scale": 1.0, "ema": 0.0, **kwargs})
+
+
 def fit_quadratic(model: pl.LightningModule, callback: CurvatureLRScheduler, steps: int, before=()) -> StepLog:
     """Train for ``steps`` steps; the ``before`` callbacks run ahead of the scheduler."""
     log = StepLog()
@@ -80,7 +86,7 @@ def first(lrs: list[list[float]]) -> list[float]:
     ],
 )
 def test_lambda_max_rules_on_a_known_hessian(mode, kwargs, expected):
-    cb = CurvatureLRScheduler(every_n_steps=2, mode=mode, tol=1e-8, **kwargs)
+    cb = Scheduler(every_n_steps=2, mode=mode, tol=1e-8, **kwargs)
     log = fit_quadratic(Quadratic([1.0, 3.0, 5.0], [1.0, -1.0, 0.5]), cb, steps=5)
     for lr in first(log.lrs):  # the first step already uses it
         assert lr == pytest.approx(expected, rel=1e-12)
@@ -89,20 +95,20 @@ def test_lambda_max_rules_on_a_known_hessian(mode, kwargs, expected):
 
 
 def test_edge_of_stability_uses_the_momentum_threshold():
-    cb = CurvatureLRScheduler(every_n_steps=1, mode="edge_of_stability", fraction=0.5, tol=1e-8)
+    cb = Scheduler(every_n_steps=1, mode="edge_of_stability", fraction=0.5, tol=1e-8)
     log = fit_quadratic(Quadratic([1.0, 4.0], [1.0, 1.0], momentum=0.9), cb, steps=2)
     assert first(log.lrs) == pytest.approx([0.5 * (2 + 2 * 0.9) / 4] * 2, rel=1e-12)
 
 
 def test_dal_on_w_squared_gives_one_and_follows_the_gradient():
     # L = w² (a = 2): v = ‖Hg‖/‖g‖ = 2, η = 2/v = 1
-    log = fit_quadratic(Quadratic([2.0], [0.7]), CurvatureLRScheduler(every_n_steps=1, mode="dal"), steps=3)
+    log = fit_quadratic(Quadratic([2.0], [0.7]), Scheduler(every_n_steps=1, mode="dal"), steps=3)
     assert first(log.lrs) == [1.0, 1.0, 1.0]
-    log = fit_quadratic(Quadratic([2.0], [0.7]), CurvatureLRScheduler(every_n_steps=1, mode="dal", power=0.5), steps=2)
+    log = fit_quadratic(Quadratic([2.0], [0.7]), Scheduler(every_n_steps=1, mode="dal", power=0.5), steps=2)
     assert first(log.lrs) == pytest.approx([2 / math.sqrt(2)] * 2, rel=1e-14)
     # anisotropic: v = ‖A²w‖/‖Aw‖ changes with w; max_lr caps the rate
     a = torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64)
-    cb = CurvatureLRScheduler(every_n_steps=1, mode="dal", max_lr=0.45)
+    cb = Scheduler(every_n_steps=1, mode="dal", max_lr=0.45)
     log = fit_quadratic(Quadratic(a.tolist(), [1.0, -1.0, 0.5]), cb, steps=4)
     for lr, w in zip(first(log.lrs), log.weights):
         assert lr == pytest.approx(min(2 / float((a * a * w).norm() / (a * w).norm()), 0.45), rel=1e-12)
@@ -125,7 +131,7 @@ def probe_loss(module, batch):
 
 def test_bad_curvature_holds_the_previous_rate_and_warns_once():
     schedule = [[2.0], [2.0], [-1.0], [float("nan")], [-3.0], [0.0], [4.0]]
-    cb = CurvatureLRScheduler(every_n_steps=1, tol=1e-8, loss_fn=probe_loss)
+    cb = Scheduler(every_n_steps=1, tol=1e-8, loss_fn=probe_loss)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         log = fit_quadratic(Quadratic([2.0], [0.7]), cb, steps=7, before=[SetCurvature(schedule)])
@@ -138,7 +144,7 @@ def test_bad_curvature_holds_the_previous_rate_and_warns_once():
 
 
 def test_negative_curvature_from_the_start_keeps_the_optimizers_rate():
-    cb = CurvatureLRScheduler(every_n_steps=1, max_lr=0.05)
+    cb = Scheduler(every_n_steps=1, max_lr=0.05)
     with pytest.warns(UserWarning, match="non-positive curvature"):
         log = fit_quadratic(Quadratic([-1.0, -2.0], [1.0, 1.0], lr=0.1), cb, steps=3)
     assert first(log.lrs) == [0.05, 0.05, 0.05]  # the held rate, clipped to the bounds
@@ -146,7 +152,7 @@ def test_negative_curvature_from_the_start_keeps_the_optimizers_rate():
 
 
 def test_zero_gradient_holds_the_rate_in_dal_mode():
-    cb = CurvatureLRScheduler(every_n_steps=1, mode="dal")
+    cb = Scheduler(every_n_steps=1, mode="dal")
     with pytest.warns(UserWarning, match="zero gradient"):
         log = fit_quadratic(Quadratic([2.0], [0.0], lr=0.3), cb, steps=2)
     assert first(log.lrs) == [0.3, 0.3]
@@ -154,13 +160,13 @@ def test_zero_gradient_holds_the_rate_in_dal_mode():
 
 def test_warmup_ema_and_bounds():
     # curvature 2, 4, 8, 8: smoothed (ema 0.5) 2, 3, 5.5, 6.75; warm-up keeps step 0 at the own rate
-    cb = CurvatureLRScheduler(every_n_steps=1, scale=1.0, ema=0.5, warmup_steps=1, tol=1e-8, loss_fn=probe_loss)
+    cb = Scheduler(every_n_steps=1, scale=1.0, ema=0.5, warmup_steps=1, tol=1e-8, loss_fn=probe_loss)
     schedule = [[2.0], [4.0], [8.0], [8.0]]
     log = fit_quadratic(Quadratic([2.0], [0.7], lr=0.1), cb, steps=4, before=[SetCurvature(schedule)])
     assert first(log.lrs) == pytest.approx([0.1, 1 / 3, 1 / 5.5, 1 / 6.75], rel=1e-13)
     assert cb.last_estimate["curvature_lr/lambda"] == pytest.approx(6.75, rel=1e-13)
     # the first step after warm-up uses the latest estimate even off the cadence (estimates at 0, 3)
-    cb = CurvatureLRScheduler(every_n_steps=3, warmup_steps=2, min_lr=0.3, tol=1e-8)
+    cb = Scheduler(every_n_steps=3, warmup_steps=2, min_lr=0.3, tol=1e-8)
     log = fit_quadratic(Quadratic([5.0], [0.7], lr=0.1), cb, steps=4)
     assert first(log.lrs) == [0.1, 0.1, 0.3, 0.3]  # 1/5 = 0.2 raised to min_lr
 
@@ -168,7 +174,7 @@ def test_warmup_ema_and_bounds():
 @pytest.mark.parametrize("early, estimated", [(True, [0, 1, 2, 4, 8, 10]), (False, [0, 10])])
 def test_early_estimates_at_powers_of_two(early, estimated):
     # curvature s + 1 at step s: the rate of step s is 1/(t + 1), t the latest estimate step
-    cb = CurvatureLRScheduler(every_n_steps=10, scale=1.0, early_estimates=early, tol=1e-8, loss_fn=probe_loss)
+    cb = Scheduler(every_n_steps=10, scale=1.0, early_estimates=early, tol=1e-8, loss_fn=probe_loss)
     schedule = [[float(s + 1)] for s in range(13)]
     log = fit_quadratic(Quadratic([2.0], [0.7], lr=0.1), cb, steps=13, before=[SetCurvature(schedule)])
     latest = [max(t for t in estimated if t <= s) for s in range(13)]
@@ -181,7 +187,7 @@ def test_early_estimates_at_powers_of_two(early, estimated):
 )
 def test_quasi_newton_matches_the_effective_rate_of_momentum(kwargs, factor):
     # heavy ball steps η(1 − d)/(1 − β)·g on a steady gradient: η = s(1 − β)/(1 − d)/λ_max gives s/λ_max
-    cb = CurvatureLRScheduler(every_n_steps=1, scale=2.0, tol=1e-10)
+    cb = Scheduler(every_n_steps=1, scale=2.0, tol=1e-10)
     log = fit_quadratic(Quadratic([1.0, 4.0], [1.0, 1.0], **kwargs), cb, steps=2)
     assert first(log.lrs) == pytest.approx([2.0 * factor / 4] * 2, rel=1e-12)
 
@@ -189,7 +195,7 @@ def test_quasi_newton_matches_the_effective_rate_of_momentum(kwargs, factor):
 def test_param_groups_keep_their_ratios():
     # groups (lr 0.1, 0.05) → R = diag(1, 1/2); R^½ H R^½ = diag(4, 6/2): λ = 4, η = 1/4
     groups = [{"size": 1, "lr": 0.1}, {"size": 1, "lr": 0.05}]
-    cb = CurvatureLRScheduler(every_n_steps=1, tol=1e-8)
+    cb = Scheduler(every_n_steps=1, tol=1e-8)
     log = fit_quadratic(Quadratic([4.0, 6.0], [1.0, 1.0], groups=groups), cb, steps=2)
     for lr0, lr1 in log.lrs:
         assert lr0 == pytest.approx(0.25, rel=1e-12) and lr1 / lr0 == 0.5
@@ -199,7 +205,7 @@ def test_param_groups_keep_their_ratios():
 def test_adam_uses_the_preconditioned_sharpness():
     a = torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64)
     beta1, beta2, eps = 0.9, 0.99, 1e-8
-    cb = CurvatureLRScheduler(every_n_steps=1, mode="edge_of_stability", fraction=0.5, tol=1e-10)
+    cb = Scheduler(every_n_steps=1, mode="edge_of_stability", fraction=0.5, tol=1e-10)
     model = Quadratic(a.tolist(), [1.0, -1.0, 0.5], lr=0.01, optimizer="adam", betas=(beta1, beta2), eps=eps)
     log = fit_quadratic(model, cb, steps=4)
     assert log.lrs[0] == [0.01]  # no preconditioner before Adam's first step: its own rate
@@ -214,7 +220,7 @@ def test_adam_in_every_mode_uses_the_preconditioned_curvature(mode, rule):
     """quasi-Newton: η = 1/λ_max(P^{-1/2} H P^{-1/2}); DAL: η = 2/v with v = ‖SHS(Sg)‖/‖Sg‖, S = P^{-1/2}."""
     a = torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64)
     beta1, beta2, eps = 0.9, 0.99, 1e-8
-    cb = CurvatureLRScheduler(every_n_steps=1, mode=mode, tol=1e-10)
+    cb = Scheduler(every_n_steps=1, mode=mode, tol=1e-10)
     model = Quadratic(a.tolist(), [1.0, -1.0, 0.5], lr=0.01, optimizer="adam", betas=(beta1, beta2), eps=eps)
     log = fit_quadratic(model, cb, steps=4)
     assert log.lrs[0] == [0.01]
@@ -235,9 +241,9 @@ def test_optimizers_without_a_rule_are_refused():
             return torch.optim.RMSprop(self.parameters(), lr=0.1)
 
     with pytest.raises(ValueError, match="RMSprop"):
-        fit_quadratic(Rms([1.0], [1.0]), CurvatureLRScheduler(), steps=1)
+        fit_quadratic(Rms([1.0], [1.0]), Scheduler(), steps=1)
     with pytest.raises(ValueError, match="holds two CurvatureLRSchedulers"):
-        trainer(callbacks=[CurvatureLRScheduler(), CurvatureLRScheduler(mode="dal", prefix="dal/")], max_steps=1, max_epochs=None).fit(TinyNet(), loader())
+        trainer(callbacks=[Scheduler(), Scheduler(mode="dal", prefix="dal/")], max_steps=1, max_epochs=None).fit(TinyNet(), loader())
 
 
 class Scheduled(Quadratic):
@@ -280,7 +286,7 @@ def test_the_users_scheduler_shapes_the_curvature_rate(make, interval, monitor):
     factory = lambda: Scheduled([4.0, 6.0], [1.0, 1.0], groups=groups, make=make, interval=interval, monitor=monitor)  # noqa: E731
     steps = 40  # 16 steps per epoch: the plateau scheduler reduces twice
     users = _alone(factory, steps)
-    cb = CurvatureLRScheduler(every_n_steps=1, tol=1e-10)
+    cb = Scheduler(every_n_steps=1, tol=1e-10)
     log = fit_quadratic(factory(), cb, steps=steps)
     assert len(set(u[0] for u in users)) > 1  # the user's schedule does change the rate
     for (lr0, lr1), (u0, u1) in zip(log.lrs, users):
@@ -292,7 +298,7 @@ def test_learning_rate_monitor_shows_the_composed_rate():
     make = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)  # noqa: E731
     log = StepLog()
     data = torch.utils.data.TensorDataset(torch.zeros(64, 1))
-    t = trainer(callbacks=[log, monitor, CurvatureLRScheduler(every_n_steps=1, tol=1e-10)], logger=logger, max_steps=6,
+    t = trainer(callbacks=[log, monitor, Scheduler(every_n_steps=1, tol=1e-10)], logger=logger, max_steps=6,
                 max_epochs=None, log_every_n_steps=1)
     t.fit(Scheduled([4.0], [1.0], lr=0.1, make=make), torch.utils.data.DataLoader(data, batch_size=4))
     shown = {step: m for step, m in logger.metrics if any(k.startswith("lr-SGD") for k in m)}
@@ -318,7 +324,7 @@ class MemoryLogger(Logger):
 
 def test_learning_rate_monitor_logs_the_rate_each_step_uses():
     logger, monitor = MemoryLogger(), LearningRateMonitor(logging_interval="step")
-    cb = CurvatureLRScheduler(every_n_steps=2, mode="dal")
+    cb = Scheduler(every_n_steps=2, mode="dal", early_estimates=False)
     pl.seed_everything(0, verbose=False)
     log = StepLog()
     # the monitor is listed first: the scheduler moves ahead of it
@@ -336,19 +342,19 @@ def test_no_harm_during_warmup_and_at_the_optimizers_own_rate():
     model_kwargs = dict(batch_norm=True, dropout=0.3, momentum=0.9, lr=0.1)
     kw = dict(max_epochs=2, accumulate_grad_batches=2)
     baseline = fit_snapshot(model_kwargs, [], **kw)
-    warm = CurvatureLRScheduler(every_n_steps=1, warmup_steps=100, ema=0.5)
+    warm = Scheduler(every_n_steps=1, warmup_steps=100, ema=0.5)
     assert_identical_runs(baseline, fit_snapshot(model_kwargs, [warm], **kw))
     assert warm.last_estimate["curvature_lr/lambda"] > 0  # estimates ran during the warm-up
     # after warm-up, a rate pinned to the optimizer's own one: every step sets it, nothing else changes
-    pinned = CurvatureLRScheduler(every_n_steps=1, min_lr=0.1, max_lr=0.1, probe=24)
+    pinned = Scheduler(every_n_steps=1, min_lr=0.1, max_lr=0.1, probe=24)
     assert_identical_runs(baseline, fit_snapshot(model_kwargs, [pinned], **kw))
-    assert pinned.last_estimate["curvature_lr/lr"] == 0.1 and pinned._curvature > 0
+    assert pinned.last_estimate["curvature_lr/lr"] == 0.1 and pinned._rates[0].curvature > 0
 
 
 def test_resume_gives_the_same_rates_as_an_uninterrupted_run(tmp_path):
     def run(ckpt_path=None, save=False):
         pl.seed_everything(0, verbose=False)
-        cb = CurvatureLRScheduler(every_n_steps=3, ema=0.5, warmup_steps=2, probe=16, tol=1e-4)
+        cb = Scheduler(every_n_steps=3, ema=0.5, warmup_steps=2, probe=16, tol=1e-4)
         log = StepLog()
         restored = []
 
@@ -392,11 +398,11 @@ def test_resume_gives_the_same_rates_as_an_uninterrupted_run(tmp_path):
 )
 def test_invalid_arguments(kwargs):
     with pytest.raises(ValueError):
-        CurvatureLRScheduler(**kwargs)
+        Scheduler(**kwargs)
 
 
 def test_two_instances_have_distinct_state_keys():
-    assert CurvatureLRScheduler(mode="dal").state_key != CurvatureLRScheduler().state_key
+    assert Scheduler(mode="dal").state_key != Scheduler().state_key
 
 
 def ddp_scenario(devices: int):
@@ -407,7 +413,7 @@ def ddp_scenario(devices: int):
     dataset = torch.utils.data.TensorDataset(data.tensors[0].double(), data.tensors[1])
     dl = torch.utils.data.DataLoader(dataset, batch_size=32 // devices, shuffle=False)
     log = StepLog()
-    cb = CurvatureLRScheduler(every_n_steps=1, tol=1e-8, max_hvps=200)
+    cb = Scheduler(every_n_steps=1, tol=1e-8, max_hvps=200)
 
     def collect(trainer, model, callbacks):
         return {"lrs": first(callbacks[0].lrs), "lambda": callbacks[1].last_estimate["curvature_lr/lambda"]}
@@ -429,7 +435,7 @@ def test_a_tiny_curvature_never_crashes_the_optimizer_step():
     """Regression (a dead LeNet): λ ≈ 1e-40 gave a rate of 1e40, beyond float32, and SGD raised
     "value cannot be converted to type float without overflow" inside the optimizer step."""
     schedule = [[2.0], [1e-40], [1e-45], [4.0]]
-    cb = CurvatureLRScheduler(every_n_steps=1, tol=1e-8, loss_fn=probe_loss)
+    cb = Scheduler(every_n_steps=1, tol=1e-8, loss_fn=probe_loss)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         log = fit_quadratic(Quadratic([2.0], [0.7]), cb, steps=4, before=[SetCurvature(schedule)])
@@ -444,7 +450,128 @@ def test_a_budget_too_small_for_a_cold_estimate_is_refused_at_fit_start():
     from chaos_callbacks import HessianSpectrumMonitor
 
     with pytest.raises(ValueError, match=r"CurvatureLRScheduler: max_hvps=10 is below the 13 products"):
-        trainer(callbacks=[CurvatureLRScheduler(max_hvps=10)], max_steps=1, max_epochs=None).fit(TinyNet(), loader())
+        trainer(callbacks=[Scheduler(max_hvps=10)], max_steps=1, max_epochs=None).fit(TinyNet(), loader())
     with pytest.raises(ValueError, match=r"HessianSpectrumMonitor: max_hvps=20 is below the 26 products"):
         trainer(callbacks=[HessianSpectrumMonitor(top_k=2, max_hvps=20)], max_steps=1, max_epochs=None).fit(TinyNet(), loader())
-    CurvatureLRScheduler(mode="dal", max_hvps=2)  # DAL takes one product: no cold start
+    Scheduler(mode="dal", max_hvps=2)  # DAL takes one product: no cold start
+
+
+class TwoOptimizers(pl.LightningModule):
+    """``L(u, w) = ½ Σ a_i u_i² + ½ Σ b_j w_j²`` under manual optimization: ``u`` stepped by one optimizer,
+    ``w`` by another (SGD or Adam each)."""
+
+    def __init__(self, a, b, kinds=("sgd", "sgd")) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        self.u = nn.Parameter(torch.ones(len(a), dtype=torch.float64))
+        self.w = nn.Parameter(torch.ones(len(b), dtype=torch.float64))
+        self.kinds = kinds
+
+    def loss(self) -> torch.Tensor:
+        return 0.5 * (self.a * self.u**2).sum() + 0.5 * (self.b * self.w**2).sum()
+
+    def training_step(self, batch, batch_idx):
+        opts = self.optimizers()
+        for opt in opts:
+            opt.zero_grad()
+        self.manual_backward(self.loss())
+        for opt in opts:
+            opt.step()
+
+    def configure_optimizers(self):
+        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+        return [cls[k]([p], lr=0.01) for k, p in zip(self.kinds, (self.u, self.w))]
+
+
+class RatesLog(pl.Callback):
+    """Each batch's rates (after the steps) and the second optimizer's Adam state before them."""
+
+    def __init__(self) -> None:
+        self.lrs: list[list[float]] = []
+        self.adam: list[tuple[torch.Tensor, int] | None] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        state = trainer.optimizers[1].state.get(pl_module.w, {})
+        self.adam.append((state["exp_avg_sq"].clone(), int(state["step"])) if "exp_avg_sq" in state else None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.lrs.append([opt.param_groups[0]["lr"] for opt in trainer.optimizers])
+
+
+def _fit_two(model, cb, steps=3) -> RatesLog:
+    log = RatesLog()
+    t = trainer(callbacks=[log, cb], max_steps=2 * steps, max_epochs=None)
+    t.fit(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(64, 1)), batch_size=4))
+    return log
+
+
+def test_several_optimizers_get_one_rate_each_from_their_own_block():
+    # one loss for both: optimizer 0 takes 1/λ_max of its block diag(1, 3), optimizer 1 of diag(5, 2)
+    cb = Scheduler(every_n_steps=1, scale=1.0, tol=1e-10, loss_fn=lambda m, batch: m.loss())
+    log = _fit_two(TwoOptimizers([1.0, 3.0], [5.0, 2.0]), cb)
+    assert log.lrs == [pytest.approx([1 / 3, 1 / 5], rel=1e-12)] * 3
+    assert cb.last_estimate["curvature_lr/optimizer_0/lambda"] == pytest.approx(3.0, rel=1e-12)
+    assert cb.last_estimate["curvature_lr/optimizer_1/lambda"] == pytest.approx(5.0, rel=1e-12)
+    # one loss per optimizer: optimizer 1's rate from 4·L's block, optimizer 0's from L's
+    losses = [lambda m, batch: m.loss(), lambda m, batch: 4 * m.loss()]
+    cb = Scheduler(every_n_steps=1, scale=1.0, tol=1e-10, loss_fn=losses)
+    log = _fit_two(TwoOptimizers([1.0, 3.0], [5.0, 2.0]), cb)
+    assert log.lrs == [pytest.approx([1 / 3, 1 / 20], rel=1e-12)] * 3
+
+
+def test_several_optimizers_mix_sgd_and_adam():
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    b = torch.tensor([5.0, 2.0], dtype=torch.float64)
+    cb = Scheduler(every_n_steps=1, scale=1.0, tol=1e-10, loss_fn=lambda m, batch: m.loss())
+    model = TwoOptimizers([1.0, 3.0], b.tolist(), kinds=("sgd", "adam"))
+    log = _fit_two(model, cb, steps=4)
+    assert [lrs[0] for lrs in log.lrs] == pytest.approx([1 / 3] * 4, rel=1e-12)
+    assert log.lrs[0][1] == 0.01 and log.adam[0] is None  # no preconditioner before Adam's first step
+    for lrs, (v, t) in zip(log.lrs[1:], log.adam[1:]):
+        P = (1 - beta1 ** (t + 1)) * ((v / (1 - beta2**t)).sqrt() + eps)
+        assert lrs[1] == pytest.approx(1 / float((b / P).max()), rel=1e-9)
+
+
+def test_several_optimizers_refusals():
+    with pytest.raises(ValueError, match="CurvatureLRScheduler: loss_fn holds 3 losses for the module's 2 optimizers"):
+        _fit_two(TwoOptimizers([1.0], [2.0]), Scheduler(loss_fn=[lambda m, b: m.loss()] * 3))
+    with pytest.raises(ValueError, match="CurvatureLRScheduler: the module uses manual optimization"):
+        _fit_two(TwoOptimizers([1.0], [2.0]), Scheduler())
+    with pytest.raises(ValueError, match=r"CurvatureLRScheduler: loss_fn must be a callable"):
+        Scheduler(loss_fn=[])
+    with pytest.raises(ValueError, match=r"CurvatureLRScheduler: loss_fn must be a callable"):
+        Scheduler(loss_fn=[lambda m, b: 0, "nope"])
+
+
+def test_several_optimizers_resume_exactly(tmp_path):
+    def run(ckpt_path=None, save=False):
+        cb = Scheduler(every_n_steps=4, ema=0.5, tol=1e-10, loss_fn=lambda m, batch: m.loss())
+        log = RatesLog()
+        cbs = [log, cb] + ([ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")] if save else [])
+        t = trainer(callbacks=cbs, max_epochs=3, enable_checkpointing=save)
+        data = torch.utils.data.TensorDataset(torch.zeros(16, 1))  # 4 batches = 8 optimizer steps per epoch
+        t.fit(TwoOptimizers([1.0, 3.0], [5.0, 2.0], kinds=("sgd", "adam")), torch.utils.data.DataLoader(data, batch_size=4), ckpt_path=ckpt_path)
+        return log.lrs
+
+    full = run(save=True)
+    assert run(ckpt_path=str(tmp_path / "epoch=0.ckpt")) == full[4:]
+    assert len({lrs[1] for lrs in full}) > 3
+
+
+def test_a_checkpoint_of_version_0_1_resumes():
+    # 0.1 kept the one optimizer's state at the top level; curvature 1 smoothed with λ = 5 at ema 0.5 → 3
+    cb = Scheduler(every_n_steps=1, scale=1.0, ema=0.5, tol=1e-10)
+    cb.load_state_dict({"eta": 0.7, "curvature": 1.0, "warm_vectors": None, "probe_batches": None, "last_step": -1,
+                        "num_estimates": 3, "skipped": 0})
+    log = fit_quadratic(Quadratic([5.0], [0.7]), cb, steps=1)
+    assert first(log.lrs) == pytest.approx([1 / 3], rel=1e-12) and cb._rates[0].num_estimates == 4
+
+
+@pytest.mark.parametrize("momentum, expected", [(0.0, 3 / 5), (0.9, 0.3 / 5)])
+def test_the_defaults(momentum, expected):
+    # scale 3 times the momentum factor; the smoothing of a constant curvature is that curvature
+    cb = CurvatureLRScheduler(tol=1e-10)
+    assert (cb.scale, cb.ema, cb.early_estimates, cb.mode) == (3.0, 0.9, True, "quasi_newton")
+    log = fit_quadratic(Quadratic([1.0, 5.0], [1.0, 1.0], momentum=momentum), cb, steps=3)
+    assert first(log.lrs) == pytest.approx([expected] * 3, rel=1e-12)

@@ -385,8 +385,9 @@ CELLS: list[Cell] = [
     Cell("gan", "default", ("D",), "manual-optimization GAN: loss from g_loss/d_loss logs or outputs", steps=8),
     Cell("gan", "default", ("N",), "manual-optimization GAN, gradient noise of a loss_fn (two optimizer steps per batch)",
          options={"N": {"loss_fn": zoo.gan_discriminator_loss}}, steps=12),
-    Cell("gan", "default", ("C",), "refused: ValueError naming CurvatureLRScheduler (two optimizers) before the first step",
-         options={"C": {"loss_fn": zoo.gan_discriminator_loss}}, refused="CurvatureLRScheduler.*optimizer"),
+    Cell("gan", "default", ("C",), "manual-optimization GAN: one curvature rate per optimizer, from the generator's and "
+         "the discriminator's losses", options={"C": {"loss_fn": [zoo.gan_generator_loss, zoo.gan_discriminator_loss]}},
+         tags=("curvature_lr/optimizer_0/lr", "curvature_lr/optimizer_1/lr")),
     # the list-collecting module (re-running training_step must not touch its lists, counter, generator)
     Cell("collecting", "default", ("H",), "training_step_outputs list, counter, torch.Generator untouched"),
     Cell("collecting", "default", ("T",), "training_step_outputs list, counter, torch.Generator untouched"),

@@ -261,6 +261,13 @@ class GAN(pl.LightningModule):
         return {}
 
 
+def gan_generator_loss(module: GAN, batch: Any) -> Tensor:
+    """A ``loss_fn`` for the callbacks: the generator's loss on fresh fakes (the discriminator fooled)."""
+    (real,) = batch
+    z = torch.randn(real.shape[0], module.hparams.latent, device=real.device)
+    return module.adversarial_loss(module.discriminator(module(z)), True)
+
+
 def gan_discriminator_loss(module: GAN, batch: Any) -> Tensor:
     """A ``loss_fn`` for the callbacks: the discriminator's loss on real data and fresh fakes."""
     (real,) = batch
