@@ -126,6 +126,7 @@ class Run:
     const_lr: float | None = None
     skipped: int = 0
     estimates: int = 0
+    hvps: int = 0  # Hessian-vector products of all estimates
     crashed: str | None = None  # the exception that ended the run (e.g. a rate that overflows float32)
 
 
@@ -188,7 +189,7 @@ def train(task: Task, dm: Any, x_test: Tensor, y_test: Tensor, args: argparse.Na
     run = Run(method, seed, recorder.evals[-1][1], wall, cpu, recorder.lrs, recorder.diverged_at,
               const_lr=None if cb_kwargs is not None or cosine else lr, crashed=crashed)  # fmt: skip
     if scheduler is not None:
-        run.skipped, run.estimates = scheduler._warn.count, scheduler._num_estimates
+        run.skipped, run.estimates, run.hvps = scheduler._warn.count, scheduler.estimates, scheduler.hvps
     return run
 
 
@@ -238,9 +239,11 @@ def task_table(rows: list[Row], consts: list[Row], best: Row | None) -> str:
             100 * (best_acc - row.mean_acc), wall, cpu,
             row.failures(),
             sum(r.skipped for r in row.runs) if curv else "–",
+            f"{statistics.mean(r.estimates for r in row.runs):.3g} ({statistics.mean(r.hvps for r in row.runs):.3g})" if curv else "–",
         ])  # fmt: skip
     headers = ["method", "lr (median used)", "lr range", "final test acc %", "best sweep acc %",
-               "gap to best (points)", "cost ratio (wall)", "cost ratio (CPU)", "diverged", "skipped estimates"]  # fmt: skip
+               "gap to best (points)", "cost ratio (wall)", "cost ratio (CPU)", "diverged", "skipped estimates",
+               "estimates (products) per run"]  # fmt: skip
     return markdown_table(headers, table)
 
 

@@ -100,18 +100,25 @@ class LanczosCounter:
 
 
 class TimedCurvatureLR(CurvatureLRScheduler):
-    """CurvatureLRScheduler that adds up the wall and CPU time spent in its per-step hook."""
+    """CurvatureLRScheduler that adds up the wall and CPU time spent in its per-step hook, its estimates
+    and their Hessian-vector products."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.hook_wall = 0.0
         self.hook_cpu = 0.0
+        self.estimates = 0
+        self.hvps = 0
 
     def on_train_batch_start(self, *args: Any) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
+        previous = self.last_estimate
         super().on_train_batch_start(*args)
         self.hook_wall += time.perf_counter() - wall
         self.hook_cpu += time.process_time() - cpu
+        if self.last_estimate is not previous and "curvature_lr/hvps" in self.last_estimate:
+            self.estimates += 1
+            self.hvps += int(self.last_estimate["curvature_lr/hvps"])
 
 
 class RecordingMonitor(HessianSpectrumMonitor):

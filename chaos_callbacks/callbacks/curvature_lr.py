@@ -195,7 +195,7 @@ class CurvatureLRScheduler(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 10,
+        every_n_steps: int = 50,
         mode: Mode = "quasi_newton",
         scale: float = 3.0,
         fraction: float = 0.9,
@@ -207,7 +207,7 @@ class CurvatureLRScheduler(Callback):
         max_lr: float | None = None,
         loss_fn: plumb.LossFn | Sequence[plumb.LossFn] | None = None,
         probe: Literal["batch"] | int = "batch",
-        tol: float = 1e-2,
+        tol: float = 0.1,
         max_hvps: int = 50,
         warm_start: bool = True,
         share: bool = True,
