@@ -381,6 +381,9 @@ def test_resume_gives_the_same_rates_as_an_uninterrupted_run(tmp_path):
         dict(fraction=-1.0),
         dict(power=1.5),
         dict(power=-0.1),
+        dict(dal_estimate="half"),
+        dict(dal_estimate=None),
+        dict(dal_estimate=True),
         dict(ema=1.0),
         dict(warmup_steps=-1),
         dict(min_lr=-1e-3),
@@ -415,6 +418,18 @@ def ddp_scenario(devices: int):
         return {"lrs": first(callbacks[0].lrs), "lambda": callbacks[1].last_estimate["curvature_lr/lambda"]}
 
     return model, dl, [log, cb], collect, dict(max_steps=3, max_epochs=None)
+
+
+def ddp_dal_scenario(devices: int):
+    """DAL from the halves: each rank splits its own shard; the half gradients are averaged over ranks."""
+    model, dl, (log, _), collect, kwargs = ddp_scenario(devices)
+    return model, dl, [log, CurvatureLRScheduler(every_n_steps=1, mode="dal")], collect, kwargs
+
+
+@pytest.mark.ddp
+def test_ddp_dal_halves_give_the_same_rates_on_every_rank(tmp_path):
+    ranks = run_ddp("tests.callbacks.test_curvature_lr:ddp_dal_scenario", tmp_path / "ddp", devices=2)
+    assert ranks[0] == ranks[1] and len(ranks[0]["lrs"]) == 3
 
 
 @pytest.mark.ddp
