@@ -251,7 +251,8 @@ class Shared:
         """``g₁, g₂``: the probe gradient on the first and on the second half of every probe batch
         (weighted like the batches, reduced like the operator), in this consumer's coordinates. Each
         half is forwarded on its own (one more first-order pass over the probe, no second-order graph):
-        layers that couple the examples of a batch (BatchNorm in train mode) see half batches."""
+        layers that couple the examples of a batch (BatchNorm in train mode) see half batches, and
+        dropout draws its own masks."""
         if self._halves is None:
             raise plumb.EstimateSkipped("this operator has no probe batches to split")
         return self._halves(self.operator.params)
