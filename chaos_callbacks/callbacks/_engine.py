@@ -46,7 +46,9 @@ publishes its values, certified bounds and Ritz vectors (:meth:`Shared.publish_t
 them with no product when the bound meets its own tolerance (:meth:`Shared.top`), else it solves on
 its own view. A producer that fails before publishing fails every consumer waiting for its solve.
 ``‖Hg‖/‖g‖`` and ``gᵀHg/‖g‖²`` on the same parameters come from one product ``Hg`` per group
-(:meth:`Shared.grad_curvature`, :meth:`Shared.batch_sharpness`).
+(:meth:`Shared.grad_curvature`, :meth:`Shared.batch_sharpness`). A consumer that needs the gradients
+of the two halves of the probe (:meth:`Shared.half_gradients`, DAL's noise-free ``v``) gets them by one
+more first-order pass, inside the same ``no_harm``.
 
 **Products.** Every estimating callback logs ``<area>/hvps``: the Hessian-vector products its own
 computations took at that step (its views' counters). A shared product is counted once, by the
@@ -59,6 +61,7 @@ so every rank runs the same collectives in the same order.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -177,11 +180,13 @@ class _Channel:
 class Shared:
     """What one consumer's computation sees: its operator view and the group's shared results."""
 
-    def __init__(self, operator: HessianView, channel: _Channel, consumer: Any) -> None:
+    def __init__(self, operator: HessianView, channel: _Channel, consumer: Any,
+                 halves: Callable[[Sequence[Tensor]], tuple[Tensor, Tensor]] | None = None) -> None:
         self.operator = operator
         self._channel = channel
         self._consumer = consumer
         self._views: list[HessianView] = []
+        self._halves = halves
 
     def view(self, params: Sequence[Tensor]) -> HessianView:
         """Another view of the group's operator over some of this consumer's parameters (e.g. a diagonal
@@ -240,6 +245,16 @@ class Shared:
         """``gᵀHg/‖g‖²`` of the probe gradient on these parameters, from the same product ``Hg`` as
         :meth:`grad_curvature` (Andreyev & Beneventano, arXiv 2412.20553)."""
         return self._gradient_curvatures()[1]
+
+    def half_gradients(self) -> tuple[Tensor, Tensor]:
+        """``g₁, g₂``: the probe gradient on the first and on the second half of every probe batch
+        (weighted like the batches, reduced like the operator), in this consumer's coordinates. Each
+        half is forwarded on its own (one more first-order pass over the probe, no second-order graph):
+        layers that couple the examples of a batch (BatchNorm in train mode) see half batches, and
+        dropout draws its own masks."""
+        if self._halves is None:
+            raise plumb.EstimateSkipped("this operator has no probe batches to split")
+        return self._halves(self.operator.params)
 
     def _gradient_curvatures(self) -> tuple[float | None, float | None]:
         channel = self._channel
@@ -339,14 +354,16 @@ class CurvatureEngine:
             sizes = [plumb.batch_size_of(b) for b in batches]
             union = list({id(p): p for _, r in members for p in r.params}.values())
             with plumb.no_harm(pl_module, train_mode=first.train_mode, second_order=True):
-                op = _operator(first, union, batches, [s / sum(sizes) for s in sizes], trainer, pl_module, batch_idx)
+                weights = [s / sum(sizes) for s in sizes]
+                op = _operator(first, union, batches, weights, trainer, pl_module, batch_idx)
+                halves = functools.partial(_half_gradients, first, batches, weights, trainer, pl_module, batch_idx)
                 try:
                     channels = self._channels(members)
                     for consumer, request in sorted(members, key=lambda m: not m[1].produces_top):  # producers first
                         channel = channels[frozenset(id(p) for p in request.params)]
                         outcome = outcomes[id(consumer)]
                         try:
-                            mine = shared[id(consumer)] = Shared(op.view(request.params), channel, consumer)
+                            mine = shared[id(consumer)] = Shared(op.view(request.params), channel, consumer, halves)
                             outcome.result = request.compute(mine)
                         except Exception as exc:  # this consumer's failure; the others go on
                             outcome.error = exc
@@ -385,6 +402,27 @@ def _operator(request: Request, params: list[Tensor], batches: list[Any], weight
         return GGNOperator(params, split_closures, weights, reduce=reduce)
     closures = [(lambda b=b: plumb.compute_loss(pl_module, b, request.loss_fn, batch_idx)) for b in batches]
     return HessianOperator(params, closures, weights, reduce=reduce)
+
+
+def _half_gradients(request: Request, batches: list[Any], weights: list[float], trainer: Trainer, pl_module: LightningModule,
+                    batch_idx: int, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """The gradients on ``params`` of the first and of the second half of every batch (examples
+    ``[0, n//2)`` and ``[n//2, n)``), weighted like the batches and mean-reduced across ranks (inside ``no_harm``)."""
+    reduce = plumb.mean_reducer(trainer)
+    halves = []
+    for part in (0, 1):
+        total = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        for batch, weight in zip(batches, weights):
+            n = plumb.batch_size_of(batch)
+            if n < 2:
+                raise plumb.EstimateSkipped(f"a probe batch of {n} example has no two halves")
+            start, stop = (0, n // 2) if part == 0 else (n // 2, n)
+            half = plumb.slice_batch(batch, start, stop)
+            loss = plumb.compute_loss(pl_module, half, request.loss_fn, batch_idx)
+            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+            total += weight * torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+        halves.append(reduce(total))
+    return halves[0], halves[1]
 
 
 _ENGINES: weakref.WeakKeyDictionary[Trainer, CurvatureEngine] = weakref.WeakKeyDictionary()

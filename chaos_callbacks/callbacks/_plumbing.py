@@ -178,8 +178,9 @@ def batch_size_of(batch: Any) -> int:
     return sizes[0]
 
 
-def _slice_batch(batch: Any, n: int) -> Any:
-    return apply_to_collection(batch, Tensor, lambda t: t[:n] if t.ndim else t)
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of every tensor with a batch dimension."""
+    return apply_to_collection(batch, Tensor, lambda t: t[start:stop] if t.ndim else t)
 
 
 def draw_probe_batches(trainer: Trainer, num_examples: int, split: str = "train") -> list[Any]:
@@ -201,7 +202,7 @@ def draw_probe_batches(trainer: Trainer, num_examples: int, split: str = "train"
     with isolate_rng():
         for batch in loaders[0]:
             size = batch_size_of(batch)
-            batches.append(_slice_batch(batch, remaining) if size > remaining else batch)
+            batches.append(slice_batch(batch, 0, remaining) if size > remaining else batch)
             remaining -= min(size, remaining)
             if remaining == 0:
                 break

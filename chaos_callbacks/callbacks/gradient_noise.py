@@ -60,11 +60,6 @@ class _Accumulation:
     previous: list[Tensor] | None = None
 
 
-def slice_batch(batch: Any, start: int, stop: int) -> Any:
-    """Examples ``start:stop`` of every tensor with a batch dimension."""
-    return apply_to_collection(batch, Tensor, lambda t: t[start:stop] if t.ndim else t)
-
-
 def _sq_norm(tensors: Iterable[Tensor]) -> float:
     """Σ |t|² over ``tensors`` (a generator keeps one temporary at a time), summed in float64."""
     sums = [t.pow(2).sum() for t in tensors]
@@ -75,7 +70,7 @@ def _slice_gradient(pl_module: LightningModule, params: list[Tensor], batch: Any
                     loss_fn: plumb.LossFn | None, batch_idx: int) -> list[Tensor]:
     """The gradient of the user's loss on examples ``start:stop`` of ``batch`` (zeros for unused
     parameters), by ``torch.autograd.grad``. Call inside ``no_harm``."""
-    loss = plumb.compute_loss(pl_module, slice_batch(batch, start, stop), loss_fn, batch_idx)
+    loss = plumb.compute_loss(pl_module, plumb.slice_batch(batch, start, stop), loss_fn, batch_idx)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
 
@@ -397,7 +392,7 @@ class GradientNoiseScale(Callback):
         big = {name: torch.zeros_like(p) for name, p in named.items()}
         small_sq = 0.0
         for start in range(0, size, self.chunk_size):
-            grads = per_example(named, slice_batch(batch, start, min(start + self.chunk_size, size)))
+            grads = per_example(named, plumb.slice_batch(batch, start, min(start + self.chunk_size, size)))
             small_sq += float(torch.stack([g.flatten(1).pow(2).sum(1).double() for g in grads.values()]).sum())
             for name, g in grads.items():
                 big[name].add_(g.sum(0), alpha=1.0 / size)

@@ -2,9 +2,11 @@
 
 from chaos_callbacks.curvature.density import SpectralDensity, spectral_density
 from chaos_callbacks.curvature.drift import (
+    SplitCurvature,
     gradient_curvatures,
     gradient_weighted_curvature,
     principal_flow_coefficients,
+    split_gradient_curvature,
     stability_regime,
 )
 from chaos_callbacks.curvature.ggn import GGNOperator
@@ -21,6 +23,7 @@ __all__ = [
     "NoTrainableParametersError",
     "PowerResult",
     "SpectralDensity",
+    "SplitCurvature",
     "TraceEstimate",
     "flatten",
     "gradient_curvatures",
@@ -32,6 +35,7 @@ __all__ = [
     "principal_flow_coefficients",
     "random_start_failure_bound",
     "spectral_density",
+    "split_gradient_curvature",
     "stability_regime",
     "unflatten",
 ]

@@ -1,3 +1,4 @@
+import copy
 import math
 import warnings
 from typing import Any
@@ -10,6 +11,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from chaos_callbacks.callbacks.curvature_lr import CurvatureLRScheduler
+from tests.helpers import exact_hessian
 from tests.lightning_helpers import TinyNet, assert_identical_runs, fit_snapshot, loader, random_classification, run_ddp, trainer
 
 
@@ -324,7 +326,7 @@ class MemoryLogger(Logger):
 
 def test_learning_rate_monitor_logs_the_rate_each_step_uses():
     logger, monitor = MemoryLogger(), LearningRateMonitor(logging_interval="step")
-    cb = Scheduler(every_n_steps=2, mode="dal", early_estimates=False)
+    cb = Scheduler(every_n_steps=2, mode="dal", dal_estimate="plain", early_estimates=False)
     pl.seed_everything(0, verbose=False)
     log = StepLog()
     # the monitor is listed first: the scheduler moves ahead of it
@@ -385,6 +387,9 @@ def test_resume_gives_the_same_rates_as_an_uninterrupted_run(tmp_path):
         dict(fraction=-1.0),
         dict(power=1.5),
         dict(power=-0.1),
+        dict(dal_estimate="half"),
+        dict(dal_estimate=None),
+        dict(dal_estimate=True),
         dict(ema=1.0),
         dict(warmup_steps=-1),
         dict(min_lr=-1e-3),
@@ -419,6 +424,18 @@ def ddp_scenario(devices: int):
         return {"lrs": first(callbacks[0].lrs), "lambda": callbacks[1].last_estimate["curvature_lr/lambda"]}
 
     return model, dl, [log, cb], collect, dict(max_steps=3, max_epochs=None)
+
+
+def ddp_dal_scenario(devices: int):
+    """DAL from the halves: each rank splits its own shard; the half gradients are averaged over ranks."""
+    model, dl, (log, _), collect, kwargs = ddp_scenario(devices)
+    return model, dl, [log, Scheduler(every_n_steps=1, mode="dal")], collect, kwargs
+
+
+@pytest.mark.ddp
+def test_ddp_dal_halves_give_the_same_rates_on_every_rank(tmp_path):
+    ranks = run_ddp("tests.callbacks.test_curvature_lr:ddp_dal_scenario", tmp_path / "ddp", devices=2)
+    assert ranks[0] == ranks[1] and len(ranks[0]["lrs"]) == 3
 
 
 @pytest.mark.ddp
@@ -575,3 +592,137 @@ def test_the_defaults(momentum, expected):
     assert (cb.scale, cb.ema, cb.early_estimates, cb.mode) == (3.0, 0.9, True, "quasi_newton")
     log = fit_quadratic(Quadratic([1.0, 5.0], [1.0, 1.0], momentum=momentum), cb, steps=3)
     assert first(log.lrs) == pytest.approx([expected] * 3, rel=1e-12)
+
+
+    CurvatureLRScheduler(mode="dal", max_hvps=2)  # DAL takes one product: no cold start
+
+
+# ---------------------------------------------------------------------------- DAL from two half batches
+class FrozenWeights(pl.Callback):
+    """Zeroes the gradients before every optimizer step: the weights never move (plain SGD), so that
+    every estimate is one more draw at the same point."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.zero_()
+
+
+class BatchLog(pl.Callback):
+    """A copy of the network and the batch each step starts from (ahead of the scheduler)."""
+
+    def __init__(self) -> None:
+        self.nets: list[nn.Module] = []
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.nets.append(copy.deepcopy(pl_module.net))
+        self.batches.append((batch[0].clone(), batch[1].clone()))
+
+
+def halves_by_hand(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """``(Hg₁)·(Hg₂)`` and ``g₁·g₂`` in float64: ``H`` the dense Hessian of the whole batch's loss, ``g_i``
+    the gradients of its first and second halves."""
+    H = exact_hessian(net, x, y)
+    params = list(net.parameters())
+
+    def grad(xs, ys):
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(nn.functional.cross_entropy(net(xs), ys), params)])
+
+    h = len(x) // 2
+    g1, g2 = grad(x[:h], y[:h]), grad(x[h:], y[h:])
+    return float((H @ g1) @ (H @ g2)), float(g1 @ g2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dal_rate_from_the_halves_equals_the_formula_by_hand(seed):
+    """η = min(2/v, max_lr), v² = (Hg₁)·(Hg₂)/(g₁·g₂) on each step's batch; a cross product ≤ 0 holds the rate."""
+    pl.seed_everything(seed, verbose=False)
+    data = random_classification(n=96, seed=seed)
+    dataset = torch.utils.data.TensorDataset(data.tensors[0].double(), data.tensors[1])
+    batches, log = BatchLog(), StepLog()
+    cb = Scheduler(every_n_steps=1, mode="dal", max_lr=0.8)
+    trainer(callbacks=[log, batches, cb], max_steps=6, max_epochs=None).fit(TinyNet(lr=0.05).double(), loader(dataset))
+    expected, skipped = 0.05, 0
+    for step, (net, (x, y)) in enumerate(zip(batches.nets, batches.batches)):
+        num, den = halves_by_hand(net, x, y)
+        if num > 0 and den > 0:
+            expected = min(2 / math.sqrt(num / den), 0.8)
+        else:
+            skipped += 1
+        assert first(log.lrs)[step] == pytest.approx(expected, rel=1e-10)
+    assert cb.last_estimate["curvature_lr/skipped"] == skipped < 6
+    assert cb.last_estimate["curvature_lr/hvps"] == 2
+
+
+class LinearNoise(Quadratic):
+    """``L_B(w) = ½ Σ a_i (w_i − w*_i)² + mean_{x ∈ B} xᵀw``: every example has the Hessian ``diag(a)``
+    and its own gradient noise ``x``; a half batch's gradient is ``a ⊙ (w − w*) + x̄_half``."""
+
+    def __init__(self, a, w0, target=None, **kwargs) -> None:
+        super().__init__(a, w0, **kwargs)
+        self.target = torch.zeros(len(a), dtype=torch.float64) if target is None else torch.tensor(target, dtype=torch.float64)
+
+    def training_step(self, batch, batch_idx):
+        w = torch.cat(list(self.ws))
+        return 0.5 * (self.a * (w - self.target) ** 2).sum() + (batch[0] @ w).mean()
+
+
+def fit_linear_noise(model, callback, rows, batch_size, steps, frozen=True):
+    log = StepLog()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(rows), batch_size=batch_size, shuffle=False)
+    callbacks = [log, callback] + ([FrozenWeights()] if frozen else [])
+    trainer(callbacks=callbacks, max_steps=steps, max_epochs=None).fit(model, data)
+    return log
+
+
+def test_dal_halves_closed_form_and_skips_on_a_non_positive_cross_product():
+    """H = diag(1, 10), w = 0: g_i = x̄_i. Step 0: g₁ = (1, 1), g₂ = (1, −0.5): g₁·g₂ = 0.5 > 0 but
+    (Hg₁)·(Hg₂) = −49 (held); step 1: g₂ = (−1, 0.5): g₁·g₂ = −0.5 (held); step 2: g₁ = (1, 2), g₂ = (2, 1):
+    v² = (1·2 + 20·10)/(2 + 2) = 50.5."""
+    halves = [([1.0, 1.0], [1.0, -0.5]), ([1.0, 1.0], [-1.0, 0.5]), ([1.0, 2.0], [2.0, 1.0])]
+    rows = torch.tensor([r for g1, g2 in halves for r in (g1, g1, g2, g2)], dtype=torch.float64)
+    cb = Scheduler(every_n_steps=1, mode="dal")
+    with pytest.warns(UserWarning, match="noise-dominated"):
+        log = fit_linear_noise(LinearNoise([1.0, 10.0], [0.0, 0.0], lr=0.1), cb, rows, batch_size=4, steps=3)
+    assert first(log.lrs) == pytest.approx([0.1, 0.1, 2 / math.sqrt(50.5)], rel=1e-13)
+    assert cb.last_estimate["curvature_lr/skipped"] == 2
+
+
+def test_dal_auto_is_halves_on_the_batch_and_plain_on_a_probe_set():
+    assert CurvatureLRScheduler(mode="dal")._dal_halves
+    assert not CurvatureLRScheduler(mode="dal", probe=64)._dal_halves
+    assert CurvatureLRScheduler(mode="dal", probe=64, dal_estimate="halves")._dal_halves
+    assert not CurvatureLRScheduler(mode="dal", dal_estimate="plain")._dal_halves
+
+
+def noisy_quadratic(seed: int, dims: int = 1000, batch: int = 32, steps: int = 100, sigma: float = 0.6):
+    """``a = (1, 0.3, 0.01, …)`` (``dims`` flat directions), ``w − w* = (1, 1, 0, …)``: ``v = ‖Hḡ‖/‖ḡ‖ ≈ 0.96``,
+    so DAL's rate ``2/v ≈ 2.08``; isotropic per-example gradient noise of sd ``sigma``, i.e. mostly in the
+    flat directions, where its curvature 0.01 pulls the plain ``‖Hg‖/‖g‖`` down to ≈ 0.3 (rate ≈ 6.6)."""
+    a = [1.0, 0.3] + [0.01] * dims
+    w0 = [1.0, 1.0] + [0.0] * dims
+    rows = sigma * torch.randn(batch * steps, len(a), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return LinearNoise(a, w0, lr=0.1), rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dal_on_noisy_batches_no_longer_sits_at_max_lr(seed):
+    """At fixed weights (100 fresh batches), the plain estimate puts the rate at max_lr = 4 nearly always,
+    the halves almost never. In training, the plain rate's steps at the bound (ηλ = 4 on the stiff
+    direction) blow the expected loss ``½ Σ a_i (w_i − w*_i)²`` up; DAL's own rate 2/v (v < λ_max) lets it
+    grow far less."""
+    fractions, growth = {}, {}
+    for estimate in ("plain", "halves"):
+        model, rows = noisy_quadratic(seed)
+        cb = Scheduler(every_n_steps=1, mode="dal", max_lr=4.0, dal_estimate=estimate)
+        log = fit_linear_noise(model, cb, rows, batch_size=32, steps=100)
+        fractions[estimate] = sum(lr == 4.0 for lr in first(log.lrs)) / 100
+        model, rows = noisy_quadratic(seed)
+        cb = Scheduler(every_n_steps=1, mode="dal", max_lr=4.0, dal_estimate=estimate)
+        log = fit_linear_noise(model, cb, rows, batch_size=32, steps=100, frozen=False)
+        losses = [0.5 * float((model.a * w**2).sum()) for w in log.weights]  # w* = 0
+        growth[estimate] = max(losses) / losses[0]
+    assert fractions["plain"] >= 0.9 and fractions["halves"] <= 0.1
+    assert growth["plain"] > 10 * growth["halves"]

@@ -230,9 +230,9 @@ NO_HARM = dict(batch_norm=True, dropout=0.3, momentum=0.9, lr=0.05)
 )
 def test_the_monitor_adds_no_harm_to_the_scheduler(model_kwargs, scheduler_kwargs):
     kw = dict(max_epochs=2, accumulate_grad_batches=2)
-    alone_cb = CurvatureLRScheduler(scale=1.0, ema=0.0, every_n_steps=1, **scheduler_kwargs)
+    alone_cb = CurvatureLRScheduler(scale=1.0, ema=0.0, tol=1e-2, every_n_steps=1, **scheduler_kwargs)
     alone = fit_snapshot(model_kwargs, [alone_cb], **kw)
-    both_cb = CurvatureLRScheduler(scale=1.0, ema=0.0, every_n_steps=1, **scheduler_kwargs)
+    both_cb = CurvatureLRScheduler(scale=1.0, ema=0.0, tol=1e-2, every_n_steps=1, **scheduler_kwargs)
     monitor = HessianSpectrumMonitor(every_n_steps=1, top_k=2, trace=True, trace_samples=4)
     both = fit_snapshot(model_kwargs, [monitor, both_cb], **kw)
     assert monitor.last_estimate and both_cb._rates[0].curvature is not None
