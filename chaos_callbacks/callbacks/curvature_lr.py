@@ -171,7 +171,7 @@ class CurvatureLRScheduler(Callback):
     ReLU network (LeNet: 1 run in 3 at chance); estimating at steps 1, 2, 4, 8, … follows the
     sharpening as it happens, at ``log₂(every_n_steps)`` extra estimates per fit. A rate needs
     ``λ_max`` to ~10 %, not to 1 % (``tol=0.1``: ~4 products per warm estimate instead of ~8); estimates
-    every 50 steps were as good as every 10 and cost a fifth.
+    every 50 steps did as well as every 25 on the MLP and LeNet (one seed: 93.75 vs 93.80 %, 95.85 vs 95.30 %).
 
     Logs ``curvature_lr/lr`` (``η``), ``curvature_lr/lambda`` (the smoothed curvature in use) and
     ``curvature_lr/skipped`` at every estimate step and when warm-up ends, and ``curvature_lr/hvps``
