@@ -34,6 +34,10 @@ class OutputSplit:
     output_fn: OutputFn
     output_loss_fn: OutputLossFn
 
+    def loss(self, module: LightningModule, batch: Any) -> Tensor:
+        """The split's loss ``output_loss_fn(output_fn(module, batch), batch)``, as a ``loss_fn``."""
+        return self.output_loss_fn(self.output_fn(module, batch), batch)
+
 
 def outputs_and_loss(pl_module: LightningModule, batch: Any, loss_fn: plumb.LossFn | None, batch_idx: int,
                      split: OutputSplit | None) -> tuple[Tensor, Tensor]:

@@ -595,7 +595,8 @@ class HessianSpectrumMonitor(Callback):
         """Evaluate the landscape on the estimate's probe and log its figure (a failure is warned and counted)."""
         batches = [batch] if self._probe_batches is None else [plumb.to_device(trainer, b) for b in self._probe_batches]
         try:
-            self.last_landscape = landscape_.probe_landscape(trainer, pl_module, basis, batches, self.loss_fn, self.hessian_mode == "train",
+            loss_fn = self.loss_fn if self.output_split is None else self.output_split.loss  # the loss the curvature is of
+            self.last_landscape = landscape_.probe_landscape(trainer, pl_module, basis, batches, loss_fn, self.hessian_mode == "train",
                                                              self.landscape_points, self.landscape_radius, batch_idx)
         except Exception as exc:
             self._warn("landscape", f"loss landscape skipped at step {step} ({type(exc).__name__}: {exc})")

@@ -132,6 +132,22 @@ def test_ggn_of_a_squared_error_mlp_with_an_explicit_split(seed):
         assert_certified(keep.seen[step], "ggn", exact.ggn[step], k=2)
 
 
+def test_the_landscape_of_an_explicit_split_is_the_split_loss():
+    """The landscape is drawn on the loss whose curvature it shows: ``output_loss_fn`` (here 2·MSE), not
+    ``training_step``'s MSE; at t = 0 it is the operator's loss, along v₁ its second difference is λ₁."""
+    split = dict(output_fn=lambda module, batch: module(batch[0]), output_loss_fn=lambda z, batch: 2 * mse(z, batch[1]))
+    monitor = ggn_monitor(**split, landscape=True, landscape_points=5)
+    pl.seed_everything(0, verbose=False)
+    model = Regression().double()
+    x, y = next(iter(regression_loader(0)))
+    with torch.no_grad():
+        split_loss, step_loss = float(2 * mse(model(x), y)), float(model.training_step((x, y), 0))
+    trainer(callbacks=[monitor], max_steps=1, max_epochs=None).fit(model, regression_loader(0))
+    land = monitor.last_landscape  # drawn at step 0, on the weights before the first step
+    assert land.loss0 == pytest.approx(split_loss, rel=1e-12) and step_loss == pytest.approx(split_loss / 2, rel=1e-12)
+    assert float(land.line[2]) == pytest.approx(split_loss, rel=1e-12)  # t = 0: the split's loss, not training_step's
+
+
 @pytest.mark.parametrize("calls", [0, 2])
 def test_an_undefined_default_split_is_skipped_with_the_remedy(calls):
     """``forward`` twice in ``training_step``, or never in a ``loss_fn`` that calls the inner net."""
