@@ -199,7 +199,7 @@ def draw_probe_batches(trainer: Trainer, num_examples: int, split: str = "train"
     loaders = loader if isinstance(loader, (list, tuple)) else [loader]
     batches: list[Any] = []
     remaining = num_examples
-    with isolate_rng():
+    with isolate_rng(), _isolate_loader_generators(loaders[0]):
         for batch in loaders[0]:
             size = batch_size_of(batch)
             batches.append(slice_batch(batch, 0, remaining) if size > remaining else batch)
@@ -207,6 +207,22 @@ def draw_probe_batches(trainer: Trainer, num_examples: int, split: str = "train"
             if remaining == 0:
                 break
     return batches
+
+
+@contextmanager
+def _isolate_loader_generators(loader: Any) -> Iterator[None]:
+    """Restore, on exit, the ``torch.Generator``s a loader draws from: its own (a new iterator draws the
+    workers' base seed from it) and its samplers' (shuffling), so a probe drawn from the training loader
+    leaves the training run's batch order as it was. ``isolate_rng`` covers only the global RNGs."""
+    holders = [loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
+    holders.append(getattr(holders[2], "sampler", None))
+    generators = list({id(g): g for h in holders if isinstance(g := getattr(h, "generator", None), torch.Generator)}.values())
+    states = [g.get_state() for g in generators]
+    try:
+        yield
+    finally:
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
 
 
 def to_device(trainer: Trainer, batch: Any) -> Any:

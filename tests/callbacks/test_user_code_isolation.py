@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from chaos_callbacks import CurvatureLRScheduler, HessianSpectrumMonitor
 from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks._shadow import shadow
-from tests.lightning_helpers import TinyNet, loader, trainer
+from tests.lightning_helpers import TinyNet, loader, random_classification, trainer
 
 
 class Counter:
@@ -184,3 +184,23 @@ def test_transformer_encoder_layer_eigenvalues_match_the_dense_hessian() -> None
     top = torch.linalg.eigvalsh(dense).flip(0)
     assert got["hessian/lambda_max"] == pytest.approx(float(top[0]), rel=1e-4)
     assert got["hessian/eig_2"] == pytest.approx(float(top[1]), rel=1e-4)
+
+
+def test_a_probe_set_leaves_a_seeded_loaders_batch_order_unchanged() -> None:
+    """A loader with its own ``torch.Generator`` (shuffling and the workers' base seed draw from it): a
+    probe set drawn from it at fit start must not advance it (regression: it changed every epoch's order)."""
+    def run(callbacks: list[Any]) -> list[torch.Tensor]:
+        pl.seed_everything(0, verbose=False)
+        model, order = TinyNet(), []
+        data = DataLoader(random_classification(), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+        class Order(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                order.append(batch[1].clone())
+
+        trainer(callbacks=[Order(), *callbacks], max_epochs=2).fit(model, data)
+        return order + [p.detach().clone() for p in model.parameters()]
+
+    plain = run([])
+    probed = run([HessianSpectrumMonitor(every_n_steps=2, probe=24)])
+    assert len(plain) == len(probed) and all(torch.equal(a, b) for a, b in zip(plain, probed))
