@@ -13,24 +13,47 @@ and report:
   Gaussian (likelihood-ratio test of Vuong 1989), and their tail index α rises over training;
 * networks with and without shortcuts differ in these dynamics.
 
-Three experiments drive the product (``lightning`` Trainer + ``ClassificationModule`` +
-``DiffusionTracker`` + ``GradientTailFitter``); each run carries both callbacks:
+Three experiments train the networks (``lightning`` Trainer + ``ClassificationModule`` +
+``DiffusionTracker`` + ``GradientTailFitter``); each of their runs carries both callbacks:
 
 * ``windows``: an MLP 784-64-10 and a LeNet-5 at two learning rates (``--models``, ``--lrs``),
   plain SGD (``--momentum``), ``--steps`` steps, MSD windows of ``--window`` steps. Per window:
   single exponent α, two-regime exponents α_s (short lags) and α_l (long lags) with crossover τ₀
-  (``chaos_callbacks.dynamics.diffusion.fit_two_regime``), Hurst H of MSL and the path's fractal
-  dimension d_f; a summary of the first window against the mean of the last three.
+  (``chaos_callbacks.dynamics.diffusion.fit_msd``: only where the crossover test selects two
+  regimes), Hurst H of MSL and the path's fractal dimension d_f; a summary of the first window
+  against the mean of the last three.
 * ``tails``: the ``GradientTailFitter`` estimates of those runs (every ``--tail-every`` steps,
   ``--tail-samples`` gradient entries): α of S(α, 0, σ, 0) with characteristic function
-  exp(−|σt|^α) (α = 2 Gaussian; P(|g| > x) ~ x^−α for α < 2), the Hill index, the Vuong p-value of
-  stable vs Gaussian, and α per layer. Early = the first fifth of the estimates, late = the last
-  fifth; "rises"/"falls" when the difference exceeds twice its standard error. With ``shortcuts``
-  selected too, the table also covers the shortcut runs (and the ``windows`` runs are made only if
-  ``windows`` is selected).
+  exp(−|σt|^α) (α = 2 Gaussian; P(|g| > x) ~ x^−α for α < 2), the Vuong p-values of stable vs
+  Gaussian and vs Student t, and α per layer. Early = the first fifth of the estimates, late = the
+  last fifth; "rises"/"falls" when the difference exceeds twice its standard error.
 * ``shortcuts``: the paper's comparison, reduced for a CPU: ``resnet14`` (option-A shortcuts,
   BatchNorm) vs ``plain14`` (the same network without shortcuts) from ``chaos_callbacks.recipes.models``, SGD
   (``--shortcut-*`` flags), the same window and tail statistics.
+
+Four analyses cover the windows and shortcut runs made (with none of those selected, the windows
+runs are made for them):
+
+* ``crossover``: per window, the crossover test's p-value (one power law against a smoothly broken
+  one, ``DiffusionTracker(crossover_level=--crossover-level)``), the model it selects, and where two
+  regimes are selected α_s, α_l and τ₀ with standard errors.
+* ``layer_tails``: ``analyse_tails`` (stable fit, Vuong tests against a Gaussian and a Student t) on
+  each layer's gradient entries, on entries pooled over all parameters, and on the same pooled
+  entries divided by their layer's scale (:class:`LayerTailTests`): does the stable law beat a
+  finite-variance Student t per layer, and how much of the pooled tail is a mixture of scales?
+* ``boxcount``: box-counting dimension (:func:`box_counting_dimension`) of the sketched weight
+  trajectory projected on its first two principal components and on two random directions, with
+  Brownian controls through the same projection (paper: ≈ 1.8).
+* ``loss_variance``: the minibatch loss's moving variance (runs of ``--loss-window`` steps) per
+  window, absolute and relative to the squared mean loss, first window vs late.
+
+Two more train runs of their own and are not in the default:
+
+* ``hessian``: the windows runs again with a recording ``HessianSpectrumMonitor`` (top
+  ``--hessian-top-k`` eigenvalues on a fixed probe of ``--hessian-probe`` examples every
+  ``--hessian-every`` steps): do they decay, rise (progressive sharpening) or settle?
+* ``sweep``: ``--sweep-model`` at every ``--sweep-lrs`` × ``--sweep-batch-sizes`` for
+  ``--sweep-steps`` steps: super → sub per cell (the paper: insensitive to lr and batch size).
 
 The shortcut defaults follow the authors' training code (github ifgovh/Anomalous-diffusion-
 dynamics-of-SGD, ``main.py``): plain SGD at lr 0.1, no momentum, no weight decay, no schedule; the
@@ -42,14 +65,20 @@ any "early superdiffusion" measured with momentum.
 Outputs (``--out``, default ``reproductions/results/anomalous_diffusion/``): ``anomalous_diffusion.md``
 (the Markdown tables, also printed), ``windows.csv`` (one row per run and window), ``summary.csv``
 (one row per run), ``tails.csv`` (one row per estimate and layer, layer ``all`` = all parameters),
+``crossover.csv`` (per run and window), ``layer_tails.csv`` (per estimate and sample) and
+``layer_tails_summary.csv``, ``boxcount.csv``, ``loss_variance.csv`` (per run and window),
+``hessian.csv`` (every estimate) and ``hessian_summary.csv``, ``sweep.csv``; figures
 ``msd_<run>.png`` (MSD(τ) per window with a slope-1 reference), ``windows_alpha.png`` (α per
-window), ``tails_alpha.png`` (tail α against step) and ``shortcuts.png`` (ResNet vs plain: α and H
-per window, tail α).
+window), ``tails_alpha.png`` (tail α against step), ``shortcuts.png`` (ResNet vs plain: α and H
+per window, tail α), ``boxcount_projections.png``, ``loss_variance.png``, ``hessian.png`` and
+``sweep_alpha.png``.
 
-Default run (all three experiments on real MNIST, 12k-example subset; windows: batch 64, 2,400
-steps, windows of 200; shortcuts: batch 32, lr 0.1, no momentum, 1,200 steps, windows of 200;
-tail fits every 20 steps): see REPRODUCTION.md for the measured run time (about 8 minutes on 2
-shared CPU cores, one torch thread; ResNet-14 takes about 0.11 s per step).
+Default run (``windows tails shortcuts crossover layer_tails boxcount loss_variance`` on real
+MNIST, 12k-example subset; windows: batch 64, 2,400 steps, windows of 200; shortcuts: batch 32,
+lr 0.1, no momentum, 1,200 steps, windows of 200; tail fits every 20 steps): see REPRODUCTION.md
+for the measured run times (about 9 minutes of CPU time, one torch thread; ResNet-14 takes about
+0.11 s per step). The flags ``--experiments hessian`` and ``--experiments sweep`` add about 5 and
+6 minutes of CPU time.
 Run from the repository root::
 
     OMP_NUM_THREADS=1 .venv/bin/python -m reproductions.anomalous_diffusion
@@ -173,14 +202,25 @@ def pooled_and_layer_tails(samples: dict[str, np.ndarray], pooled: np.ndarray, o
     Dividing by each layer's scale removes that mixture, so a pooled α that rises back to the
     per-layer values says the pooled tail came from the scales, not from the layers' own tails.
     """
-    result = {layer: tail_record(analyse_tails(values)) for layer, values in samples.items() if values.size >= MIN_SAMPLES}
-    if pooled.size >= MIN_SAMPLES:
-        result[POOLED] = tail_record(analyse_tails(pooled))
+    fits = {layer: tail_fit(values) for layer, values in samples.items()}
+    result = {layer: record for layer, record in fits.items() if record is not None}
+    if (record := tail_fit(pooled)) is not None:
+        result[POOLED] = record
         scales = np.array([result[o]["scale"] if o in result else math.nan for o in owners])
-        scaled = (pooled / scales)[np.isfinite(scales)]
-        if scaled.size >= MIN_SAMPLES:
-            result[POOLED_SCALED] = tail_record(analyse_tails(scaled))
+        if (record := tail_fit((pooled / scales)[np.isfinite(scales)])) is not None:
+            result[POOLED_SCALED] = record
     return result
+
+
+def tail_fit(values: np.ndarray) -> dict[str, float] | None:
+    """:func:`tail_record` of ``analyse_tails(values)``; ``None`` for fewer than ``MIN_SAMPLES`` values
+    or a sample it refuses (constant, or over half the values equal)."""
+    if values.size < MIN_SAMPLES:
+        return None
+    try:
+        return tail_record(analyse_tails(values))
+    except ValueError:
+        return None
 
 
 class LayerTailTests(pl.Callback):
