@@ -76,9 +76,9 @@ per window, tail α), ``boxcount_projections.png``, ``loss_variance.png``, ``hes
 Default run (``windows tails shortcuts crossover layer_tails boxcount loss_variance`` on real
 MNIST, 12k-example subset; windows: batch 64, 2,400 steps, windows of 200; shortcuts: batch 32,
 lr 0.1, no momentum, 1,200 steps, windows of 200; tail fits every 20 steps): see REPRODUCTION.md
-for the measured run times (about 9 minutes of CPU time, one torch thread; ResNet-14 takes about
-0.11 s per step). The flags ``--experiments hessian`` and ``--experiments sweep`` add about 5 and
-6 minutes of CPU time.
+for the measured run times (about 7 minutes of CPU time, one torch thread; ResNet-14 takes about
+0.11 s per step). ``--experiments hessian --hessian-every 300`` and ``--experiments sweep
+--sweep-steps 1600`` take about 5 and 2 minutes of CPU time.
 Run from the repository root::
 
     OMP_NUM_THREADS=1 .venv/bin/python -m reproductions.anomalous_diffusion
