@@ -195,7 +195,11 @@ class CurvatureLRScheduler(Callback):
             estimate until the weights move it).
         ema: smoothing of the curvature, in ``[0, 1)`` (0: none).
         early_estimates: also estimate at steps 1, 2, 4, 8, … below ``every_n_steps``, to follow the
-            early growth of the curvature.
+            early growth of the curvature (SGD only: Adam's preconditioner ``P`` averages the first
+            steps' few squared gradients, so its preconditioned sharpness there measures ``P`` more
+            than the landscape, and it rises to ``τ/η`` at any rate ``η`` — Cohen et al. 2022 — so
+            that following it early shrinks the rate step after step: 30 % accuracy on the ResNet
+            task with them, against the best sweep point without).
         warmup_steps: steps at the optimizer's own rate before the curvature rate takes over.
         min_lr, max_lr: bounds of ``η`` (``max_lr=None``: no upper bound).
         loss_fn: ``loss_fn(module, batch) -> scalar``, or a sequence of them, one per optimizer;
@@ -451,8 +455,9 @@ class CurvatureLRScheduler(Callback):
         """Estimates run at multiples of ``every_n_steps`` (and, ``early_estimates``, at the powers of two
         below it), once per optimizer step; Adam's preconditioner exists only after its first step, so
         until then there is nothing to estimate."""
-        adam_unstarted = is_adam(rate.optimizer) and not adam_started(rate.optimizer)
-        early = self.early_estimates and step < self.every_n_steps and step & (step - 1) == 0
+        adam = is_adam(rate.optimizer)
+        adam_unstarted = adam and not adam_started(rate.optimizer)
+        early = self.early_estimates and not adam and step < self.every_n_steps and step & (step - 1) == 0
         return step != rate.last_step and (step % self.every_n_steps == 0 or early) and not adam_unstarted
 
     def _request(self, rate: _OptimizerRate) -> _engine.Request:

@@ -726,3 +726,12 @@ def test_dal_on_noisy_batches_no_longer_sits_at_max_lr(seed):
         growth[estimate] = max(losses) / losses[0]
     assert fractions["plain"] >= 0.9 and fractions["halves"] <= 0.1
     assert growth["plain"] > 10 * growth["halves"]
+
+
+def test_adam_takes_no_early_estimates():
+    # Adam's preconditioned sharpness of its first steps measures P, not the landscape: the first estimate
+    # is the first multiple of every_n_steps (step 0 has no preconditioner), the rate held before it
+    cb = Scheduler(every_n_steps=6, tol=1e-10)
+    model = Quadratic([1.0, 3.0, 5.0], [1.0, -1.0, 0.5], lr=0.01, optimizer="adam")
+    log = fit_quadratic(model, cb, steps=8)
+    assert first(log.lrs)[:6] == [0.01] * 6 and first(log.lrs)[6] != 0.01 and cb._rates[0].num_estimates == 1
