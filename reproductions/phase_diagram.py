@@ -76,6 +76,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from chaos_callbacks import DiffusionTracker, GradientTailFitter, HessianSpectrumMonitor, LyapunovTwinRun
+from chaos_callbacks.dynamics.tails import ALPHA_MIN
 from chaos_callbacks.recipes.data import MNISTDataModule
 from chaos_callbacks.recipes.module import ClassificationModule
 from reproductions.common import RESULTS, add_common_args, finish_report, markdown_table, open_outputs, quiet_lightning, save_figure
@@ -221,11 +222,25 @@ class Run:
         sharpness = late_mean(_bare(log, "batch/hessian/batch_sharpness"), total, "spread")
         q["batch_sharpness"], q["batch_sharpness_lr"] = sharpness, sharpness.scaled(self.lr)
         q["diffusion_early"], q["diffusion_late"] = window_exponent(log, 0), window_exponent(log, -1)
+        q["batch_sharpness_lr_median"] = Estimate(self.lr * late_median(log, "batch/hessian/batch_sharpness", total))
         q["tail_alpha"] = late_mean(log.paired("grad_tail/alpha", "grad_tail/alpha_stderr"), total, "stderr")
+        q["tail_alpha_at_bound"] = Estimate(at_bound(log, total))
         for layer in layer_tags(log):
             q[f"tail_alpha_{slug(layer)}"] = late_mean(log.paired(f"grad_tail/{layer}/alpha", f"grad_tail/{layer}/alpha_stderr"), total, "stderr")
         q["test_acc"] = Estimate(self.test_acc)
         q["lyapunov_quadratic"] = quadratic_exponent(self.lr, q["lambda_max"].value, q["lambda_min"].value)
+
+
+def late_median(log: MemoryLogger, tag: str, total: int) -> float:
+    values = [v for s, v in zip(*log.series(tag)) if s >= total / 2]
+    return statistics.median(values) if values else math.nan
+
+
+def at_bound(log: MemoryLogger, total: int) -> float:
+    """Fraction of the late pooled tail fits at α = ``ALPHA_MIN`` (0.5), the lower end of the range the
+    quantile estimator supports: there the logged α is censored (the sample's tail may be heavier)."""
+    values = [v for s, v in zip(*log.series("grad_tail/alpha")) if s >= total / 2]
+    return sum(v <= ALPHA_MIN for v in values) / len(values) if values else math.nan
 
 
 def _bare(log: MemoryLogger, tag: str) -> list[tuple[int, float, float]]:
@@ -258,10 +273,10 @@ def make_data(args: argparse.Namespace, seed: int) -> MNISTDataModule:
     return MNISTDataModule(root=str(args.data_root), batch_size=args.batch_size, subset=args.subset, val_split=0.0, seed=seed)
 
 
-def train(lr: float, seed: int, args: argparse.Namespace) -> Run:
-    """One Trainer at a constant rate ``lr`` with every instrument attached; test accuracy at the end."""
+def train(lr: float, seed: int, data: MNISTDataModule, args: argparse.Namespace) -> Run:
+    """One Trainer at a constant rate ``lr`` with every instrument attached; test accuracy at the end.
+    ``data`` is shared by the runs of one seed: its loader reseeds its shuffling, so they see the same batches."""
     pl.seed_everything(seed, verbose=False)
-    data = make_data(args, seed)
     widths = [args.width] if args.model == "mlp" else None
     module = ClassificationModule(10, (1, 28, 28), model=args.model, widths=widths, activation=args.activation, optimizer="sgd", lr=lr)
     log, guard = MemoryLogger(), DivergenceGuard()
@@ -298,6 +313,8 @@ def combine(estimates: Sequence[Estimate]) -> tuple[Estimate, float]:
 
 
 UNCERTAINTY_SUFFIX = {"error": "_error", "stderr": "_stderr"}
+#: columns without an uncertainty of their own
+PLAIN = ("test_acc", "lyapunov_quadratic", "batch_sharpness_lr_median", "tail_alpha_at_bound")
 
 
 def quantity_names(runs: Sequence[Run]) -> list[str]:
@@ -307,7 +324,7 @@ def quantity_names(runs: Sequence[Run]) -> list[str]:
 def columns_of(name: str, estimate: Estimate) -> dict[str, float]:
     """``name``, ``name_error`` or ``name_stderr`` and ``name_sd`` (spread over the late estimates)."""
     row = {name: estimate.value}
-    if name not in ("test_acc", "lyapunov_quadratic"):
+    if name not in PLAIN:
         row[name + UNCERTAINTY_SUFFIX[estimate.kind]] = estimate.uncertainty
         row[name + "_sd"] = estimate.spread
     return row
@@ -405,14 +422,15 @@ PANELS: list[tuple[str, list[Line], list[tuple[float, str, str]], str | float]] 
     ], [(0.0, "Λ = 0", "bottom")], 1e-5),
     ("sharpness × η", [
         Line("lambda_max_lr", "λ_max·η, fixed probe (certified)", {"marker": "o", "color": "C2"}),
-        Line("batch_sharpness_lr", "batch sharpness·η (± se over batches)", {"marker": "^", "color": "C3"}),
+        Line("batch_sharpness_lr", "batch sharpness·η, mean (± se over batches)", {"marker": "^", "color": "C3"}),
+        Line("batch_sharpness_lr_median", "batch sharpness·η, median over batches", {"marker": "^", "color": "C3", "ls": ":", "mfc": "none"}, False),
         Line("batch_lambda_max_lr", "λ_max·η of the mini-batch", {"marker": "v", "color": "C4", "ls": "--", "mfc": "none"}),
     ], [(2.0, "2: edge of stability", "bottom"), (1.0, "1: λ_max = 1/η", "top")], 1e-2),
     ("weight MSD exponent", [
         Line("diffusion_early", "first window (early)", {"marker": "o", "color": "C5"}),
         Line("diffusion_late", "last window (late)", {"marker": "s", "color": "C6"}),
     ], [(1.0, "1: Brownian", "bottom")], "linear"),
-    ("gradient tail index α", [Line("tail_alpha", "α, all entries pooled", {"marker": "o", "color": "C7"})], [(2.0, "2: Gaussian", "bottom")], "linear"),
+    ("gradient tail index α", [Line("tail_alpha", "α, all entries pooled", {"marker": "o", "color": "C7"})], [(2.0, "2: Gaussian", "bottom"), (ALPHA_MIN, "0.5: lower end of the estimator's range (censored)", "bottom")], "linear"),
     ("test accuracy (%)", [Line("test_acc", "final test accuracy", {"marker": "o", "color": "C9"}, False)], [], "linear"),
 ]
 
@@ -522,9 +540,17 @@ TABLE: list[tuple[str, str]] = [
 ]
 
 
+def bound_cell(row: dict[str, Any]) -> str:
+    share = row.get("tail_alpha_at_bound", math.nan)
+    return f"{100 * share:.0f}" if math.isfinite(share) else "–"
+
+
 def main_table(rows: Sequence[dict[str, Any]]) -> str:
-    body = [[r["lr"], *[cell(r, name) for _, name in TABLE], f"{100 * r['test_acc']:.1f}" if math.isfinite(r["test_acc"]) else "diverged"] for r in rows]
-    return markdown_table(["η", *[h for h, _ in TABLE], "test acc %"], body)
+    body = [
+        [r["lr"], *[cell(r, name) for _, name in TABLE], bound_cell(r), f"{100 * r['test_acc']:.1f}" if math.isfinite(r["test_acc"]) else "diverged"]
+        for r in rows
+    ]
+    return markdown_table(["η", *[h for h, _ in TABLE], "tail fits at α = 0.5 %", "test acc %"], body)
 
 
 def layer_table(rows: Sequence[dict[str, Any]]) -> str | None:
@@ -588,9 +614,10 @@ def main(argv: list[str] | None = None) -> None:
     quiet_lightning()
     start, cpu_start = open_outputs(args.out), time.process_time()
     runs: list[Run] = []
+    data = {seed: make_data(args, seed) for seed in args.seeds}
     for lr in args.lrs:
         for seed in args.seeds:
-            runs.append(train(lr, seed, args))
+            runs.append(train(lr, seed, data[seed], args))
             q = runs[-1].quantities
             print(f"η={lr:g} seed {seed}: Λ={q['lyapunov_mle'].value:.4g}, λ_max·η={q['lambda_max_lr'].value:.3g}, "
                   f"test acc {runs[-1].test_acc:.4f}" + (f", diverged at {runs[-1].diverged_at}" if runs[-1].diverged_at is not None else ""),

@@ -84,7 +84,7 @@ def test_phase_diagram_script_writes_its_tables_figure_and_consistent_numbers(fa
         "lambda_max_lr_error", "lambda_min", "lambda_min_error", "batch_sharpness_lr", "batch_sharpness_lr_stderr",
         "batch_lambda_max_lr", "diffusion_early", "diffusion_early_stderr", "diffusion_late", "diffusion_late_stderr",
         "tail_alpha", "tail_alpha_stderr", "tail_alpha_model_1", "tail_alpha_model_3", "lyapunov_quadratic", "test_acc",
-        "lambda_max_lr_seed_sd", "tail_alpha_seed_sd",
+        "lambda_max_lr_seed_sd", "tail_alpha_seed_sd", "batch_sharpness_lr_median", "tail_alpha_at_bound",
     }  # fmt: skip
     assert expected <= set(rows[0]), expected - set(rows[0])
     runs = read_csv(out / "phase_diagram_runs.csv")
@@ -109,6 +109,11 @@ def test_phase_diagram_script_writes_its_tables_figure_and_consistent_numbers(fa
         windows = log["diffusion/exponent"]
         assert len(windows) == 2 and number(run["diffusion_early"]) == windows[0][1] and number(run["diffusion_late"]) == windows[1][1]
         assert 0 < number(run["tail_alpha"]) <= 2 and 0 <= number(run["test_acc"]) <= 1
+        late_alpha = [v for s, v in log["grad_tail/alpha"] if s >= STEPS / 2]
+        assert number(run["tail_alpha"]) == pytest.approx(statistics.fmean(late_alpha), rel=1e-9)
+        assert number(run["tail_alpha_at_bound"]) == sum(a <= 0.5 for a in late_alpha) / len(late_alpha)
+        late_sharpness = [v for s, v in log["batch/hessian/batch_sharpness"] if s >= STEPS / 2]
+        assert number(run["batch_sharpness_lr_median"]) == pytest.approx(lr * statistics.median(late_sharpness), rel=1e-9)
         quadratic = max(math.log(abs(1 - lr * number(run[k]))) for k in ("lambda_max", "lambda_min"))
         assert number(run["lyapunov_quadratic"]) == pytest.approx(quadratic, rel=1e-9)
     # a row per η is the mean over its seeds, its *_seed_sd their standard deviation
