@@ -25,11 +25,14 @@ with the product's callbacks attached, read back from an in-memory Lightning log
   ``--lambda-min-every`` the most negative eigenvalue λ_min (probabilistic bound);
 * ``HessianSpectrumMonitor`` on the current mini-batch (prefix ``batch/``): the batch sharpness
   ``batch/hessian/batch_sharpness`` (an exact number per batch; its mean over batches has a
-  statistical standard error) and the mini-batch λ_max;
+  statistical standard error; at large η it is heavy-tailed over batches, so its median is given
+  too) and the mini-batch λ_max;
 * ``DiffusionTracker`` (windows of ``--window`` steps): the MSD exponent of the first (early) and
   the last (late) window, each ± ``diffusion/exponent_stderr``;
 * ``GradientTailFitter`` (every ``--tail-every`` steps, ``--tail-samples`` entries): the pooled
-  α ± ``grad_tail/alpha_stderr`` and α per layer, mean over the second half of the estimates;
+  α ± ``grad_tail/alpha_stderr`` and α per layer, mean over the second half of the estimates, and
+  the share of those fits at α = 0.5, the lower end of the estimator's range (a censored value:
+  the tail may be heavier);
 
 and the test accuracy on the 10k test images at the end. A time series is summarised by its mean
 over the second half of training ("late"); its uncertainty propagates the logged ones (certified
@@ -43,8 +46,9 @@ stacked panels against η), ``phase_diagram.csv`` (one row per η, every quantit
 ``phase_diagram_runs.csv`` (one row per η and seed), ``phase_diagram_steps.csv`` (every raw logged
 value: lr, seed, step, tag, value) and ``report.md`` (the tables, also printed).
 
-Default run (7 rates 0.01–4, 1,200 steps of batch 64 on a 12k subset, one seed): about 10 minutes
-on 2 shared CPU cores, one torch thread (see REPRODUCTION.md). Run from the repository root::
+Default run (8 rates 0.01–3.2, 1,500 steps of batch 64 on a 12k subset, one seed): 4 minutes of CPU
+time, 11 min 21 s wall on 2 CPU cores shared with ~6 other jobs, one torch thread (REPRODUCTION.md).
+Run from the repository root::
 
     OMP_NUM_THREADS=1 .venv/bin/python -m reproductions.phase_diagram
 
