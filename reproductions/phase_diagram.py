@@ -32,7 +32,7 @@ with the product's callbacks attached, read back from an in-memory Lightning log
 * ``GradientTailFitter`` (every ``--tail-every`` steps, ``--tail-samples`` entries): the pooled
   α ± ``grad_tail/alpha_stderr`` and α per layer, mean over the second half of the estimates, and
   the share of those fits at α = 0.5, the lower end of the estimator's range (a censored value:
-  the tail may be heavier);
+  the tail may be heavier) and where the Vuong test prefers a Student t (finite variance) to it;
 
 and the test accuracy on the 10k test images at the end. A time series is summarised by its mean
 over the second half of training ("late"); its uncertainty propagates the logged ones (certified
@@ -229,6 +229,7 @@ class Run:
         q["batch_sharpness_lr_median"] = Estimate(self.lr * late_median(log, "batch/hessian/batch_sharpness", total))
         q["tail_alpha"] = late_mean(log.paired("grad_tail/alpha", "grad_tail/alpha_stderr"), total, "stderr")
         q["tail_alpha_at_bound"] = Estimate(at_bound(log, total))
+        q["tail_student_t_preferred"] = Estimate(student_t_preferred(log, total))
         for layer in layer_tags(log):
             q[f"tail_alpha_{slug(layer)}"] = late_mean(log.paired(f"grad_tail/{layer}/alpha", f"grad_tail/{layer}/alpha_stderr"), total, "stderr")
         q["test_acc"] = Estimate(self.test_acc)
@@ -245,6 +246,15 @@ def at_bound(log: MemoryLogger, total: int) -> float:
     quantile estimator supports: there the logged α is censored (the sample's tail may be heavier)."""
     values = [v for s, v in zip(*log.series("grad_tail/alpha")) if s >= total / 2]
     return sum(v <= ALPHA_MIN for v in values) / len(values) if values else math.nan
+
+
+def student_t_preferred(log: MemoryLogger, total: int) -> float:
+    """Fraction of the late pooled tail fits where the Vuong test prefers a Student t to the α-stable
+    law (``grad_tail/llr_student_t`` < 0 at ``grad_tail/vuong_p_student_t`` < 0.05): heavy tails, but
+    with a finite variance."""
+    rows = [row for step, row in log.rows.items() if step >= total / 2 and "grad_tail/llr_student_t" in row]
+    verdicts = [row["grad_tail/llr_student_t"] < 0 and row.get("grad_tail/vuong_p_student_t", 1.0) < 0.05 for row in rows]
+    return sum(verdicts) / len(verdicts) if verdicts else math.nan
 
 
 def _bare(log: MemoryLogger, tag: str) -> list[tuple[int, float, float]]:
@@ -318,7 +328,7 @@ def combine(estimates: Sequence[Estimate]) -> tuple[Estimate, float]:
 
 UNCERTAINTY_SUFFIX = {"error": "_error", "stderr": "_stderr"}
 #: columns without an uncertainty of their own
-PLAIN = ("test_acc", "lyapunov_quadratic", "batch_sharpness_lr_median", "tail_alpha_at_bound")
+PLAIN = ("test_acc", "lyapunov_quadratic", "batch_sharpness_lr_median", "tail_alpha_at_bound", "tail_student_t_preferred")
 
 
 def quantity_names(runs: Sequence[Run]) -> list[str]:
@@ -544,17 +554,19 @@ TABLE: list[tuple[str, str]] = [
 ]
 
 
-def bound_cell(row: dict[str, Any]) -> str:
-    share = row.get("tail_alpha_at_bound", math.nan)
+def percent_cell(row: dict[str, Any], name: str) -> str:
+    share = row.get(name, math.nan)
     return f"{100 * share:.0f}" if math.isfinite(share) else "–"
 
 
 def main_table(rows: Sequence[dict[str, Any]]) -> str:
     body = [
-        [r["lr"], *[cell(r, name) for _, name in TABLE], bound_cell(r), f"{100 * r['test_acc']:.1f}" if math.isfinite(r["test_acc"]) else "diverged"]
+        [r["lr"], *[cell(r, name) for _, name in TABLE], percent_cell(r, "tail_alpha_at_bound"), percent_cell(r, "tail_student_t_preferred"),
+         f"{100 * r['test_acc']:.1f}" if math.isfinite(r["test_acc"]) else "diverged"]
         for r in rows
-    ]
-    return markdown_table(["η", *[h for h, _ in TABLE], "tail fits at α = 0.5 %", "test acc %"], body)
+    ]  # fmt: skip
+    headers = ["η", *[h for h, _ in TABLE], "tail fits at α = 0.5 %", "Student t preferred %", "test acc %"]
+    return markdown_table(headers, body)
 
 
 def layer_table(rows: Sequence[dict[str, Any]]) -> str | None:

@@ -85,6 +85,7 @@ def test_phase_diagram_script_writes_its_tables_figure_and_consistent_numbers(fa
         "batch_lambda_max_lr", "diffusion_early", "diffusion_early_stderr", "diffusion_late", "diffusion_late_stderr",
         "tail_alpha", "tail_alpha_stderr", "tail_alpha_model_1", "tail_alpha_model_3", "lyapunov_quadratic", "test_acc",
         "lambda_max_lr_seed_sd", "tail_alpha_seed_sd", "batch_sharpness_lr_median", "tail_alpha_at_bound",
+        "tail_student_t_preferred",
     }  # fmt: skip
     assert expected <= set(rows[0]), expected - set(rows[0])
     runs = read_csv(out / "phase_diagram_runs.csv")
@@ -112,6 +113,9 @@ def test_phase_diagram_script_writes_its_tables_figure_and_consistent_numbers(fa
         late_alpha = [v for s, v in log["grad_tail/alpha"] if s >= STEPS / 2]
         assert number(run["tail_alpha"]) == pytest.approx(statistics.fmean(late_alpha), rel=1e-9)
         assert number(run["tail_alpha_at_bound"]) == sum(a <= 0.5 for a in late_alpha) / len(late_alpha)
+        llr, p = (dict(log[tag]) for tag in ("grad_tail/llr_student_t", "grad_tail/vuong_p_student_t"))
+        late_t = [llr[s] < 0 and p[s] < 0.05 for s in llr if s >= STEPS / 2]
+        assert number(run["tail_student_t_preferred"]) == sum(late_t) / len(late_t)
         late_sharpness = [v for s, v in log["batch/hessian/batch_sharpness"] if s >= STEPS / 2]
         assert number(run["batch_sharpness_lr_median"]) == pytest.approx(lr * statistics.median(late_sharpness), rel=1e-9)
         quadratic = max(math.log(abs(1 - lr * number(run[k]))) for k in ("lambda_max", "lambda_min"))
