@@ -88,6 +88,7 @@ from reproductions.common import RESULTS, add_common_args, finish_report, markdo
 DEFAULT_OUT = RESULTS / "phase_diagram"
 DEFAULT_LRS = [0.01, 0.03, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2]
 LAYER_ALPHA = re.compile(r"^grad_tail/(.+)/alpha$")
+LAYER_PREFIX = "tail_alpha_layer_"  #: columns of the per-layer tail α
 
 
 # ----------------------------------------------------------------------------- reading the logs back
@@ -228,10 +229,10 @@ class Run:
         q["diffusion_early"], q["diffusion_late"] = window_exponent(log, 0), window_exponent(log, -1)
         q["batch_sharpness_lr_median"] = Estimate(self.lr * late_median(log, "batch/hessian/batch_sharpness", total))
         q["tail_alpha"] = late_mean(log.paired("grad_tail/alpha", "grad_tail/alpha_stderr"), total, "stderr")
-        q["tail_alpha_at_bound"] = Estimate(at_bound(log, total))
+        q["tail_censored"] = Estimate(at_bound(log, total))
         q["tail_student_t_preferred"] = Estimate(student_t_preferred(log, total))
         for layer in layer_tags(log):
-            q[f"tail_alpha_{slug(layer)}"] = late_mean(log.paired(f"grad_tail/{layer}/alpha", f"grad_tail/{layer}/alpha_stderr"), total, "stderr")
+            q[f"{LAYER_PREFIX}{slug(layer)}"] = late_mean(log.paired(f"grad_tail/{layer}/alpha", f"grad_tail/{layer}/alpha_stderr"), total, "stderr")
         q["test_acc"] = Estimate(self.test_acc)
         q["lyapunov_quadratic"] = quadratic_exponent(self.lr, q["lambda_max"].value, q["lambda_min"].value)
 
@@ -328,7 +329,7 @@ def combine(estimates: Sequence[Estimate]) -> tuple[Estimate, float]:
 
 UNCERTAINTY_SUFFIX = {"error": "_error", "stderr": "_stderr"}
 #: columns without an uncertainty of their own
-PLAIN = ("test_acc", "lyapunov_quadratic", "batch_sharpness_lr_median", "tail_alpha_at_bound", "tail_student_t_preferred")
+PLAIN = ("test_acc", "lyapunov_quadratic", "batch_sharpness_lr_median", "tail_censored", "tail_student_t_preferred")
 
 
 def quantity_names(runs: Sequence[Run]) -> list[str]:
@@ -450,8 +451,8 @@ PANELS: list[tuple[str, list[Line], list[tuple[float, str, str]], str | float]] 
 
 
 def layer_lines(rows: Sequence[dict[str, Any]]) -> list[Line]:
-    names = [k for k in rows[0] if k.startswith("tail_alpha_") and not k.endswith(("_stderr", "_sd", "_seed_sd"))]
-    return [Line(n, f"α, layer {n.removeprefix('tail_alpha_')}", {"marker": "x", "ls": ":", "lw": 0.8}) for n in names]
+    names = [k for k in rows[0] if k.startswith(LAYER_PREFIX) and not k.endswith(("_stderr", "_sd"))]
+    return [Line(n, f"α, layer {n.removeprefix(LAYER_PREFIX)}", {"marker": "x", "ls": ":", "lw": 0.8}) for n in names]
 
 
 def draw(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
@@ -561,7 +562,7 @@ def percent_cell(row: dict[str, Any], name: str) -> str:
 
 def main_table(rows: Sequence[dict[str, Any]]) -> str:
     body = [
-        [r["lr"], *[cell(r, name) for _, name in TABLE], percent_cell(r, "tail_alpha_at_bound"), percent_cell(r, "tail_student_t_preferred"),
+        [r["lr"], *[cell(r, name) for _, name in TABLE], percent_cell(r, "tail_censored"), percent_cell(r, "tail_student_t_preferred"),
          f"{100 * r['test_acc']:.1f}" if math.isfinite(r["test_acc"]) else "diverged"]
         for r in rows
     ]  # fmt: skip
@@ -573,7 +574,7 @@ def layer_table(rows: Sequence[dict[str, Any]]) -> str | None:
     names = [line.column for line in layer_lines(rows)]
     if not names:
         return None
-    return markdown_table(["η", *[n.removeprefix("tail_alpha_") for n in names]], [[r["lr"], *[cell(r, n) for n in names]] for r in rows])
+    return markdown_table(["η", *[n.removeprefix(LAYER_PREFIX) for n in names]], [[r["lr"], *[cell(r, n) for n in names]] for r in rows])
 
 
 # ----------------------------------------------------------------------------- main

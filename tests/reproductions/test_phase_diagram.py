@@ -83,11 +83,14 @@ def test_phase_diagram_script_writes_its_tables_figure_and_consistent_numbers(fa
         "lyapunov_mle", "lyapunov_mle_stderr", "lyapunov_late", "lambda_max", "lambda_max_error", "lambda_max_lr",
         "lambda_max_lr_error", "lambda_min", "lambda_min_error", "batch_sharpness_lr", "batch_sharpness_lr_stderr",
         "batch_lambda_max_lr", "diffusion_early", "diffusion_early_stderr", "diffusion_late", "diffusion_late_stderr",
-        "tail_alpha", "tail_alpha_stderr", "tail_alpha_model_1", "tail_alpha_model_3", "lyapunov_quadratic", "test_acc",
-        "lambda_max_lr_seed_sd", "tail_alpha_seed_sd", "batch_sharpness_lr_median", "tail_alpha_at_bound",
+        "tail_alpha", "tail_alpha_stderr", "tail_alpha_layer_model_1", "tail_alpha_layer_model_3", "lyapunov_quadratic", "test_acc",
+        "lambda_max_lr_seed_sd", "tail_alpha_seed_sd", "batch_sharpness_lr_median", "tail_censored",
         "tail_student_t_preferred",
     }  # fmt: skip
     assert expected <= set(rows[0]), expected - set(rows[0])
+    assert not {k for k in rows[0] if k.startswith("tail_alpha_layer_")} - {
+        f"tail_alpha_layer_model_{i}{suffix}" for i in (1, 3) for suffix in ("", "_stderr", "_sd", "_seed_sd")
+    }, "only the two layers' α are per-layer columns"
     runs = read_csv(out / "phase_diagram_runs.csv")
     assert [(float(r["lr"]), int(r["seed"])) for r in runs] == [(lr, s) for lr in LRS for s in SEEDS]
 
@@ -112,7 +115,7 @@ def test_phase_diagram_script_writes_its_tables_figure_and_consistent_numbers(fa
         assert 0 < number(run["tail_alpha"]) <= 2 and 0 <= number(run["test_acc"]) <= 1
         late_alpha = [v for s, v in log["grad_tail/alpha"] if s >= STEPS / 2]
         assert number(run["tail_alpha"]) == pytest.approx(statistics.fmean(late_alpha), rel=1e-9)
-        assert number(run["tail_alpha_at_bound"]) == sum(a <= 0.5 for a in late_alpha) / len(late_alpha)
+        assert number(run["tail_censored"]) == sum(a <= 0.5 for a in late_alpha) / len(late_alpha)
         llr, p = (dict(log[tag]) for tag in ("grad_tail/llr_student_t", "grad_tail/vuong_p_student_t"))
         late_t = [llr[s] < 0 and p[s] < 0.05 for s in llr if s >= STEPS / 2]
         assert number(run["tail_student_t_preferred"]) == sum(late_t) / len(late_t)
