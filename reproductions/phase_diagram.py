@@ -431,13 +431,13 @@ class Line:
 #: linear threshold of a symlog axis, used when some value is ≤ 0, else the axis is logarithmic)
 PANELS: list[tuple[str, list[Line], list[tuple[float, str, str]], str | float]] = [
     ("Lyapunov exponent Λ (nats / step)", [
-        Line("lyapunov_mle", "twin MLE, whole run (± se over twins)", {"marker": "o", "color": "C0"}),
+        Line("lyapunov_mle", "twin MLE, whole run", {"marker": "o", "color": "C0"}),
         Line("lyapunov_late", "mean FTLE, second half", {"marker": "s", "color": "C1", "mfc": "none"}),
         Line("lyapunov_quadratic", "quadratic model max ln|1 − ηλ| (λ_max, λ_min of the probe)", {"ls": ":", "color": "k", "marker": "."}, False),
     ], [(0.0, "Λ = 0", "bottom")], 1e-5),
     ("sharpness × η", [
         Line("lambda_max_lr", "λ_max·η, fixed probe (certified)", {"marker": "o", "color": "C2"}),
-        Line("batch_sharpness_lr", "batch sharpness·η, mean (± se over batches)", {"marker": "^", "color": "C3"}),
+        Line("batch_sharpness_lr", "batch sharpness·η, mean over batches", {"marker": "^", "color": "C3"}),
         Line("batch_sharpness_lr_median", "batch sharpness·η, median over batches", {"marker": "^", "color": "C3", "ls": ":", "mfc": "none"}, False),
         Line("batch_lambda_max_lr", "λ_max·η of the mini-batch", {"marker": "v", "color": "C4", "ls": "--", "mfc": "none"}),
     ], [(2.0, "2: edge of stability", "bottom"), (1.0, "1: λ_max = 1/η", "top")], 1e-2),
@@ -446,7 +446,7 @@ PANELS: list[tuple[str, list[Line], list[tuple[float, str, str]], str | float]] 
         Line("diffusion_late", "last window (late)", {"marker": "s", "color": "C6"}),
     ], [(1.0, "1: Brownian", "bottom")], "linear"),
     ("gradient tail index α", [Line("tail_alpha", "α, all entries pooled", {"marker": "o", "color": "C7"})], [(2.0, "2: Gaussian", "bottom"), (ALPHA_MIN, "0.5: lower end of the estimator's range (censored)", "bottom")], "linear"),
-    ("test accuracy (%)", [Line("test_acc", "final test accuracy", {"marker": "o", "color": "C9"}, False)], [], "linear"),
+    ("test accuracy (%)", [Line("test_acc", "final test accuracy", {"marker": "o", "color": "C9"})], [], "linear"),
 ]
 
 
@@ -473,12 +473,12 @@ def draw(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
             lines = lines + layer_lines(rows)
         plotted = []
         for line in lines:
-            y = np.array([r.get(line.column, math.nan) for r in rows], dtype=float)
-            if line.column == "test_acc":
-                y = 100 * y
+            unit = 100.0 if line.column == "test_acc" else 1.0
+            y = unit * np.array([r.get(line.column, math.nan) for r in rows], dtype=float)
             plotted.append(y)
-            err = np.array([uncertainty_of(r, line.column) for r in rows], dtype=float) if line.bars else None
-            if err is not None:
+            err = None
+            if line.bars:
+                err = unit * np.array([uncertainty_of(r, line.column) for r in rows], dtype=float)
                 err = np.where(np.isfinite(err), err, 0.0)
             ax.errorbar(lrs, y, yerr=err, label=line.label, capsize=3, **{"ms": 5, "lw": 1.2, **line.style})
         values = np.concatenate(plotted)
@@ -507,7 +507,10 @@ def draw(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     axes[-1].set_xscale("log")
     axes[-1].set_xlabel("learning rate η (constant, plain SGD)")
     described = [f"{label} at η ≈ {lr:.3g}" for lr, _, _, label in guide_lrs if math.isfinite(lr)]
-    fig.suptitle(title + ("\nvertical lines (colour of the quantity): " + "; ".join(described) if described else ""), fontsize=9)
+    bars = ("error bars: standard deviation over seeds" if rows[0]["seeds"] > 1 else
+            "error bars: certified error (λ_max) or standard error (Λ over twins, batch sharpness over batches, MSD and tail fits)")  # fmt: skip
+    lines = [title, bars] + (["vertical lines (colour of the quantity): " + "; ".join(described)] if described else [])
+    fig.suptitle("\n".join(lines), fontsize=9)
     path = save_figure(fig, path)
     plt.close(fig)
     return path
