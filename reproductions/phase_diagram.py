@@ -46,8 +46,8 @@ stacked panels against η), ``phase_diagram.csv`` (one row per η, every quantit
 ``phase_diagram_runs.csv`` (one row per η and seed), ``phase_diagram_steps.csv`` (every raw logged
 value: lr, seed, step, tag, value) and ``report.md`` (the tables, also printed).
 
-Default run (8 rates 0.01–3.2, 1,500 steps of batch 64 on a 12k subset, one seed): 4 minutes of CPU
-time, 11 min 21 s wall on 2 CPU cores shared with ~6 other jobs, one torch thread (REPRODUCTION.md).
+Default run (8 rates 0.01–3.2, 1,500 steps of batch 64 on a 12k subset, one seed): 3.5 minutes of
+CPU time, 6–11 minutes wall on 2 CPU cores shared with other jobs, one torch thread (REPRODUCTION.md).
 Run from the repository root::
 
     OMP_NUM_THREADS=1 .venv/bin/python -m reproductions.phase_diagram
