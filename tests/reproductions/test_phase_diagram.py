@@ -128,3 +128,21 @@ def test_phase_diagram_script_writes_its_tables_figure_and_consistent_numbers(fa
         mine = [number(r["lambda_max_lr"]) for r in runs if float(r["lr"]) == float(row["lr"])]
         assert number(row["lambda_max_lr"]) == pytest.approx(statistics.fmean(mine), rel=1e-9)
         assert number(row["lambda_max_lr_seed_sd"]) == pytest.approx(statistics.stdev(mine), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_phase_diagram_script_runs_lenet(fake_mnist_root: Path, tmp_path: Path):
+    """``--model lenet``: one run, every LeNet layer gets its own tail α column, the figure is drawn."""
+    out = tmp_path / "out"
+    phase_diagram.main([
+        "--data-root", str(fake_mnist_root), "--out", str(out), "--lrs", "0.05", "--model", "lenet", "--activation", "relu",
+        "--subset", "256", "--batch-size", "16", "--steps", "40", "--window", "20", "--dim", "64", "--twins", "2",
+        "--renormalize-every", "5", "--hessian-every", "10", "--lambda-min-every", "0", "--probe", "64", "--tail-every", "5",
+        "--tail-samples", "500",
+    ])  # fmt: skip
+    (row,) = read_csv(out / "phase_diagram.csv")
+    layers = {k for k in row if k.startswith("tail_alpha_layer_") and not k.endswith(("_stderr", "_sd"))}
+    assert layers == {f"tail_alpha_layer_model_{part}" for part in ("features_0", "features_3", "classifier_1", "classifier_3", "classifier_5")}
+    assert math.isnan(number(row["lambda_min"])), "--lambda-min-every 0 estimates no λ_min"
+    assert number(row["lyapunov_quadratic"]) == pytest.approx(math.log(abs(1 - 0.05 * number(row["lambda_max"]))), rel=1e-9)
+    assert (out / "phase_diagram.png").stat().st_size > 0
