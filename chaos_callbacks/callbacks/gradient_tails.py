@@ -14,7 +14,7 @@ from torch import Tensor
 
 from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks._validation import check_bool, check_choice, check_float, check_int, check_prefix, check_regex
-from chaos_callbacks.dynamics.tails import MIN_SAMPLES, TailSummary, analyse_tails, fit_symmetric_stable
+from chaos_callbacks.dynamics.tails import ALPHA_MIN, MIN_SAMPLES, TailSummary, analyse_tails, fit_symmetric_stable
 
 Target = Literal["gradient", "noise"]
 Method = Literal["quantile", "mle"]
@@ -129,6 +129,11 @@ def _logger_step(trainer: Trainer) -> int:
     """The step Lightning's loggers give the user's own metrics: one per batch that stepped,
     whatever the number of optimizers (``trainer.global_step`` counts every ``optimizer.step()``)."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+#: An α at the fit's lower end is censored (the sample is heavier than any law the fit covers), not estimated.
+_FLOOR_MESSAGE = (f"the tails of {{where}} are heavier than α = {ALPHA_MIN}, the heaviest law the fit covers; α is at "
+                  "that bound, not estimated, so it is not logged (nor the scale and likelihood ratios of that fit)")
 
 
 class GradientTailFitter(Callback):
@@ -424,6 +429,9 @@ class GradientTailFitter(Callback):
             msg = f"tail fit of the nonzero entries failed ({exc}; {drawn.draws} of {drawn.total} entries read)"
             self._skip(trainer, pl_module, step, "fit", msg)
             return metrics, drawn.values, None
+        if tails.fit.alpha <= ALPHA_MIN:
+            self._skip(trainer, pl_module, step, "alpha-floor", _FLOOR_MESSAGE.format(where="the entries"))
+            return metrics, drawn.values, None
         fitted = {
             f"{tag}alpha": tails.fit.alpha,
             f"{tag}alpha_stderr": tails.fit.alpha_stderr,
@@ -457,6 +465,9 @@ class GradientTailFitter(Callback):
                 continue
             if not plumb.is_finite(fit.alpha, fit.alpha_stderr):
                 self._warn_layer(f"layer:{layer}", f"non-finite tail fit of layer {layer!r} at step {trainer.global_step} ({fit})")
+                continue
+            if fit.alpha <= ALPHA_MIN:
+                self._warn_layer(f"floor:{layer}", f"step {trainer.global_step}: " + _FLOOR_MESSAGE.format(where=f"layer {layer!r}"))
                 continue
             out[f"grad_tail/{layer}/alpha"] = fit.alpha
             out[f"grad_tail/{layer}/alpha_stderr"] = fit.alpha_stderr

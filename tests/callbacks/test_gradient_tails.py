@@ -624,3 +624,18 @@ def test_ddp_ranks_fit_identically(tmp_path):
     assert ranks[0].keys() == single.keys()
     for key in single:
         assert ranks[0][key] == pytest.approx(single[key], rel=1e-6, abs=1e-12), key
+
+
+def test_tails_heavier_than_the_fit_covers_are_skipped_not_logged_at_the_bound():
+    """Pareto tails of index 0.3 (|g| = U^(-1/0.3), random signs): McCulloch's α is clipped to 0.5 — a
+    censored value, not an estimate — so neither the global nor the layer α is logged; one warning each."""
+    g = torch.Generator().manual_seed(0)
+    heavy = torch.rand(3, DIM, generator=g).pow(-1 / 0.3) * torch.sign(torch.randn(3, DIM, generator=g))
+    with pytest.warns(UserWarning, match=r"heavier than α = 0.5") as caught:
+        log = fit_stable(heavy.float(), GradientTailFitter(every_n_steps=1, per_layer=True))
+    assert not log.series("grad_tail/alpha") and not layer_tags(log) & {"grad_tail/blocks.0/alpha"}
+    assert max(log.series("grad_tail/skipped").values()) == 3  # every global fit, counted
+    assert len([w for w in caught if "heavier than" in str(w.message)]) == 2  # global and the layer, once each
+    # a Cauchy gradient (α = 1) next to it is still estimated
+    log = fit_stable(stable_rows(1.0, rows=3, seed=1), GradientTailFitter(every_n_steps=1, per_layer=False))
+    assert median_of(log, "grad_tail/alpha") == pytest.approx(1.0, abs=0.06)
