@@ -243,10 +243,12 @@ def late_median(log: MemoryLogger, tag: str, total: int) -> float:
 
 
 def at_bound(log: MemoryLogger, total: int) -> float:
-    """Fraction of the late pooled tail fits at α = ``ALPHA_MIN`` (0.5), the lower end of the range the
-    quantile estimator supports: there the logged α is censored (the sample's tail may be heavier)."""
-    values = [v for s, v in zip(*log.series("grad_tail/alpha")) if s >= total / 2]
-    return sum(v <= ALPHA_MIN for v in values) / len(values) if values else math.nan
+    """Fraction of the late pooled tail fits censored at α = ``ALPHA_MIN`` (0.5), the lower end of the range
+    the estimator covers: ``GradientTailFitter`` draws the entries (``grad_tail/zero_fraction`` is logged)
+    but skips the α of such a fit, the sample's tail being heavier than any law it fits."""
+    drawn = [s for s, _ in zip(*log.series("grad_tail/zero_fraction")) if s >= total / 2]
+    fitted = {s for s, _ in zip(*log.series("grad_tail/alpha")) if s >= total / 2}
+    return sum(s not in fitted for s in drawn) / len(drawn) if drawn else math.nan
 
 
 def student_t_preferred(log: MemoryLogger, total: int) -> float:
