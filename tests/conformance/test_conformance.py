@@ -226,7 +226,8 @@ def check_collecting_lambda_max(record: RunRecord) -> None:
 
 def check_groups_curvature_lr(record: RunRecord) -> None:
     """Frozen first layer, head at 1/5 of the base rate: the curvature is λ_max(R^½ H R^½) over the
-    trainable parameters, R = diag(1, 1/5) by group, and the rate is 1/λ (quasi-Newton, scale 1)."""
+    trainable parameters, R = diag(1, 1/5) by group, and the rate is m/λ (quasi-Newton, scale 1; m = 1 − β the
+    momentum factor of the module's SGD)."""
     module, params, x, y = _collecting_reference(record, 0)
     names = [n for n, p in record.module.named_parameters() if p.requires_grad]
     fixed = {n: p.double() for n, p in params.items() if n not in names}
@@ -236,8 +237,9 @@ def check_groups_curvature_lr(record: RunRecord) -> None:
     r = torch.cat([torch.full((params[n].numel(),), (hp.head_lr if n.startswith("head") else hp.lr) / hp.lr) for n in names]).double()
     exact = float(torch.linalg.eigvalsh(r.sqrt()[:, None] * h * r.sqrt()[None, :])[-1])
     assert record.at("curvature_lr/lambda", 0) == pytest.approx(exact, rel=1e-4)
-    assert record.at("curvature_lr/lr", 0) == pytest.approx(1 / exact, rel=1e-4)
-    assert record.captures[1]["lrs"] == pytest.approx([1 / exact, hp.head_lr / hp.lr / exact], rel=1e-4)
+    m = 1 - record.module.optimizers().optimizer.param_groups[0]["momentum"]
+    assert record.at("curvature_lr/lr", 0) == pytest.approx(m / exact, rel=1e-4)
+    assert record.captures[1]["lrs"] == pytest.approx([m / exact, m * hp.head_lr / hp.lr / exact], rel=1e-4)
 
 
 def _linear_hessian(record: RunRecord) -> tuple[np.ndarray, float]:
@@ -402,7 +404,8 @@ CELLS: list[Cell] = [
          options={"T": {"renormalize_every": 4}}, trainer_kwargs={"precision": "64-true", "gradient_clip_val": 0.5},
          steps=8, capture=(0,), extra=_twin_with_start, exact=check_linear_twin_clipping),
     Cell("collecting", "frozen_groups", ("C",), "λ_max(R^½HR^½) vs dense float64 Hessian, lr = 1/λ per group ratio",
-         options={"C": {"tol": 1e-5, "max_hvps": 200}}, module_kwargs={"dropout": 0.0}, capture=(0, 1), exact=check_groups_curvature_lr),
+         options={"C": {"tol": 1e-5, "max_hvps": 200, "scale": 1.0, "ema": 0.0, "early_estimates": False}}, module_kwargs={"dropout": 0.0}, capture=(0, 1),
+         exact=check_groups_curvature_lr),
     Cell("collecting", "plateau", ("H", "T", "G"), "ReduceLROnPlateau on val_loss: scheduler state and validation logs untouched",
          steps=8),
     Cell("collecting", "plateau", ("C",), "the curvature rate composed with ReduceLROnPlateau on val_loss", steps=8),
