@@ -198,8 +198,8 @@ class CurvatureLRScheduler(Callback):
             early growth of the curvature (SGD only: Adam's preconditioner ``P`` averages the first
             steps' few squared gradients, so its preconditioned sharpness there measures ``P`` more
             than the landscape, and it rises to ``τ/η`` at any rate ``η`` — Cohen et al. 2022 — so
-            that following it early shrinks the rate step after step: 30 % accuracy on the ResNet
-            task with them, against the best sweep point without).
+            that following it early shrinks the rate step after step: on the ResNet task of
+            ``bench_lr_sweep`` 29.8 % test accuracy with them, 94.1 % without, best sweep point 93.2 %).
         warmup_steps: steps at the optimizer's own rate before the curvature rate takes over.
         min_lr, max_lr: bounds of ``η`` (``max_lr=None``: no upper bound).
         loss_fn: ``loss_fn(module, batch) -> scalar``, or a sequence of them, one per optimizer;
