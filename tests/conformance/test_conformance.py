@@ -258,6 +258,10 @@ def check_linear_spectrum(record: RunRecord) -> None:
         assert record.at("hessian/lambda_min", step) == pytest.approx(eig[0], rel=1e-6)
 
 
+#: The scheduler's quasi-Newton rule in its plain form (rate 1/λ_max, no smoothing, the cadence only), for exact checks.
+PLAIN_RATE = {"tol": 1e-5, "scale": 1.0, "ema": 0.0, "early_estimates": False}
+
+
 def check_linear_curvature_lr(record: RunRecord) -> None:
     """Quadratic loss: the quasi-Newton rate is 1/λ_max(H) at every estimate, and the optimizer uses it."""
     h, _ = _linear_hessian(record)
@@ -404,7 +408,7 @@ CELLS: list[Cell] = [
          options={"T": {"renormalize_every": 4}}, trainer_kwargs={"precision": "64-true", "gradient_clip_val": 0.5},
          steps=8, capture=(0,), extra=_twin_with_start, exact=check_linear_twin_clipping),
     Cell("collecting", "frozen_groups", ("C",), "λ_max(R^½HR^½) vs dense float64 Hessian, lr = 1/λ per group ratio",
-         options={"C": {"tol": 1e-5, "max_hvps": 200, "scale": 1.0, "ema": 0.0, "early_estimates": False}}, module_kwargs={"dropout": 0.0}, capture=(0, 1),
+         options={"C": PLAIN_RATE | {"max_hvps": 200}}, module_kwargs={"dropout": 0.0}, capture=(0, 1),
          exact=check_groups_curvature_lr),
     Cell("collecting", "plateau", ("H", "T", "G"), "ReduceLROnPlateau on val_loss: scheduler state and validation logs untouched",
          steps=8),
@@ -421,12 +425,12 @@ CELLS: list[Cell] = [
     Cell("linear", "f64", ("H",), "64-true: λ_max, λ_min = extreme eigenvalues of (2/N)ZᵀZ (rel 1e-6)",
          options={"H": EXACT_H}, capture=(0,), exact=check_linear_spectrum),
     Cell("linear", "f64", ("C",), "quasi-Newton rate = 1/λ_max(H) exactly (quadratic), and the optimizer uses it",
-         options={"C": {"tol": 1e-5}}, capture=(0, 1), exact=check_linear_curvature_lr),
+         options={"C": PLAIN_RATE}, capture=(0, 1), exact=check_linear_curvature_lr),
     Cell("linear", "compile", ("T",), "torch.compile(aot_eager), 64-true, explicit ε: exact linear-map recursion of the twin",
          options={"T": {"renormalize_every": 4, "epsilon": 1e-6}}, trainer_kwargs={"precision": "64-true"}, steps=8, capture=(0,),
          extra=_twin_with_start, exact=check_linear_twin),
     Cell("linear", "compile", ("C",), "torch.compile(aot_eager) × curvature rate: 1/λ_max(H) exactly",
-         options={"C": {"tol": 1e-5}}, capture=(0, 1), exact=check_linear_curvature_lr),
+         options={"C": PLAIN_RATE}, capture=(0, 1), exact=check_linear_curvature_lr),
     Cell("linear", "diverging", ("T",), "SGD lr 1e3 overflows to inf/NaN: no crash, reseeds counted, NaN-identical main run",
          steps=12, exact=check_diverged),
 ]
