@@ -107,8 +107,15 @@ class TimedCurvatureLR(CurvatureLRScheduler):
         super().__init__(**kwargs)
         self.hook_wall = 0.0
         self.hook_cpu = 0.0
-        self.estimates = 0
-        self.hvps = 0
+        self.products: list[int] = []  # Hessian-vector products of each estimate
+
+    @property
+    def estimates(self) -> int:
+        return len(self.products)
+
+    @property
+    def hvps(self) -> int:
+        return sum(self.products)
 
     def on_train_batch_start(self, *args: Any) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -117,8 +124,7 @@ class TimedCurvatureLR(CurvatureLRScheduler):
         self.hook_wall += time.perf_counter() - wall
         self.hook_cpu += time.process_time() - cpu
         if self.last_estimate is not previous and "curvature_lr/hvps" in self.last_estimate:
-            self.estimates += 1
-            self.hvps += int(self.last_estimate["curvature_lr/hvps"])
+            self.products.append(int(self.last_estimate["curvature_lr/hvps"]))
 
 
 class RecordingMonitor(HessianSpectrumMonitor):
@@ -276,10 +282,11 @@ def train_once(
     if scheduler is not None:
         result.warmup = scheduler.warmup_steps
         result.hook_wall, result.hook_cpu = scheduler.hook_wall, scheduler.hook_cpu
-        result.estimates = scheduler._num_estimates
-        result.hvps = counter.calls if counter.calls else [1] * scheduler._num_estimates  # dal: one HVP per estimate
+        rate = scheduler._rates[0]
+        result.estimates = rate.num_estimates
+        result.hvps = counter.calls if counter.calls else list(scheduler.products)  # dal: no Lanczos, its own products
         result.skipped = scheduler._warn.count
-        result.last_lambda = float(scheduler._curvature) if scheduler._curvature is not None else math.nan
+        result.last_lambda = float(rate.curvature) if rate.curvature is not None else math.nan
     return result
 
 
