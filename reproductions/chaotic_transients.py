@@ -10,7 +10,7 @@ learning rate grows the MLE crosses 0 (onset of chaos), and the number of epochs
 target test accuracy is smallest near that onset.
 
 Here, on a ``--subset`` of the training set (the 10,000 official test images are the test set),
-for every learning rate of ``--lrs`` and ``--seeds`` initialisations:
+for every learning rate of ``--lrs`` and ``--seeds`` (alias ``--inits``) initialisations:
 
 * gradient descent runs ``--steps`` full-batch steps (one step = one epoch);
 * a twin is trained alongside for the first ``--lyap-steps`` of them and the local exponent is
@@ -37,6 +37,15 @@ Outputs (git-ignored, in ``--out``, default ``reproductions/results/chaotic_tran
 vs lr, ln d(t), test accuracy), ``chaotic_transients_runs.csv`` (one row per run),
 ``chaotic_transients_summary.csv`` (one row per lr) and ``chaotic_transients_traces.csv`` (ln d(t)
 and test accuracy of every run). Markdown tables go to stdout.
+
+``--model`` asks whether the result carries over to other networks, with the same protocol (tanh,
+N(0, 1) weights, zero biases, float64): ``mlp`` (default) is the paper's 784-64-10, ``deep_mlp`` a
+784-64-64-64-10 MLP, ``cnn`` a small CNN (:func:`small_cnn`: two strided 5×5 convolutions, 4 and 8
+channels, and a linear read-out; LeNet-5 costs ~8 s per float64 full-batch step on 10k images here).
+Outputs of another model go to ``reproductions/results/chaotic_transients_<model>/``.
+The runs reported in REPRODUCTION.md for them:
+``--model deep_mlp --lrs 0.1 0.2 0.5 1 2 --inits 10 --crosscheck-steps 0`` and
+``--model cnn --subset 3000 --lrs ... --inits 10 --steps ... --crosscheck-steps 0``.
 
 Pixels are raw [0, 1] values as in the authors' code (``--normalize`` standardises them, which
 multiplies the inputs' second moment by ~9 and moves the onset of chaos to smaller rates).
