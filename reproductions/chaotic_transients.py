@@ -45,7 +45,8 @@ channels, and a linear read-out; LeNet-5 costs ~8 s per float64 full-batch step 
 Outputs of another model go to ``reproductions/results/chaotic_transients_<model>/``.
 The runs reported in REPRODUCTION.md for them:
 ``--model deep_mlp --lrs 0.1 0.2 0.5 1 2 --inits 10 --crosscheck-steps 0`` and
-``--model cnn --subset 3000 --lrs ... --inits 10 --steps ... --crosscheck-steps 0``.
+``--model cnn --subset 1000 --lrs 0.01 0.03 0.1 0.3 --inits 10 --steps 60 --lyap-steps 30 --eval-every 20
+--crosscheck-steps 0``.
 
 Pixels are raw [0, 1] values as in the authors' code (``--normalize`` standardises them, which
 multiplies the inputs' second moment by ~9 and moves the onset of chaos to smaller rates).
