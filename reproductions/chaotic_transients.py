@@ -10,7 +10,7 @@ learning rate grows the MLE crosses 0 (onset of chaos), and the number of epochs
 target test accuracy is smallest near that onset.
 
 Here, on a ``--subset`` of the training set (the 10,000 official test images are the test set),
-for every learning rate of ``--lrs`` and ``--seeds`` initialisations:
+for every learning rate of ``--lrs`` and ``--seeds`` (alias ``--inits``) initialisations:
 
 * gradient descent runs ``--steps`` full-batch steps (one step = one epoch);
 * a twin is trained alongside for the first ``--lyap-steps`` of them and the local exponent is
@@ -37,6 +37,16 @@ Outputs (git-ignored, in ``--out``, default ``reproductions/results/chaotic_tran
 vs lr, ln d(t), test accuracy), ``chaotic_transients_runs.csv`` (one row per run),
 ``chaotic_transients_summary.csv`` (one row per lr) and ``chaotic_transients_traces.csv`` (ln d(t)
 and test accuracy of every run). Markdown tables go to stdout.
+
+``--model`` asks whether the result carries over to other networks, with the same protocol (tanh,
+N(0, 1) weights, zero biases, float64): ``mlp`` (default) is the paper's 784-64-10, ``deep_mlp`` a
+784-64-64-64-10 MLP, ``cnn`` a small CNN (:func:`small_cnn`: two strided 5×5 convolutions, 4 and 8
+channels, and a linear read-out; LeNet-5 costs ~8 s per float64 full-batch step on 10k images here).
+Outputs of another model go to ``reproductions/results/chaotic_transients_<model>/``.
+The runs reported in REPRODUCTION.md for them:
+``--model deep_mlp --lrs 0.1 0.2 0.5 1 2 --inits 10 --crosscheck-steps 0`` and
+``--model cnn --subset 1000 --lrs 0.01 0.03 0.1 0.3 --inits 10 --steps 60 --lyap-steps 30 --eval-every 20
+--crosscheck-steps 0``.
 
 Pixels are raw [0, 1] values as in the authors' code (``--normalize`` standardises them, which
 multiplies the inputs' second moment by ~9 and moves the onset of chaos to smaller rates).
@@ -74,6 +84,7 @@ from chaos_callbacks.dynamics.lyapunov import (
     random_perturbation,
 )
 from chaos_callbacks.recipes.data import MNISTDataModule  # noqa: E402
+from chaos_callbacks.recipes.models import init_normal_
 from chaos_callbacks.recipes.module import ClassificationModule  # noqa: E402
 
 from reproductions.common import DEFAULT_DATA_ROOT, RESULTS, quiet_lightning
@@ -177,12 +188,41 @@ class Run:
         return self.acc[max(self.acc)]
 
 
-def make_module(lr: float, seed: int) -> ClassificationModule:
-    """The paper's network through the recipe: MLP 784-64-10, tanh, weights N(0, 1), zero biases, float64."""
+#: ``--model``: the paper's MLP, a deeper MLP and a small CNN, all tanh, N(0, 1) weights, zero biases, float64.
+MODELS: dict[str, str] = {
+    "mlp": "MLP 784-64-10 tanh",
+    "deep_mlp": "MLP 784-64-64-64-10 tanh",
+    "cnn": "CNN conv5×5/2(4)-tanh-conv5×5/2(8)-tanh-fc 392-10",
+}
+MODEL = {"name": "mlp"}  # set from --model by main()
+
+
+def small_cnn() -> torch.nn.Sequential:
+    """The small CNN of ``--model cnn``: two 5×5 stride-2 convolutions (4 and 8 channels, padding 2,
+    tanh), 28 → 14 → 7 pixels, then a linear read-out 392 → 10 (4,842 parameters). Strided
+    convolutions instead of LeNet's pooling keep a float64 full-batch step affordable on a CPU
+    (LeNet-5: ~8 s per step on 10k images, this network: ~0.3 s)."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 5, stride=2, padding=2), torch.nn.Tanh(),
+        torch.nn.Conv2d(4, 8, 5, stride=2, padding=2), torch.nn.Tanh(),
+        torch.nn.Flatten(), torch.nn.Linear(392, 10),
+    )  # fmt: skip
+
+
+def make_module(lr: float, seed: int, model: str | None = None) -> ClassificationModule:
+    """The ``--model`` network through the recipe, weights N(0, 1), zero biases, float64 (the paper's
+    initialisation for every model; ``mlp`` is the paper's 784-64-10 network)."""
+    model = model or MODEL["name"]
     torch.manual_seed(seed)
-    return ClassificationModule(
-        10, (1, 28, 28), model="mlp", widths=[64], activation="tanh", init="normal", init_std=1.0, dtype="float64", lr=lr
+    widths = [64, 64, 64] if model == "deep_mlp" else [64]
+    module = ClassificationModule(
+        10, (1, 28, 28), model="mlp", widths=widths, activation="tanh", init="normal", init_std=1.0, dtype="float64", lr=lr
     )
+    if model == "cnn":  # the recipe's zoo has no small CNN: swap the network, initialised as the recipe does
+        module.model = small_cnn()
+        init_normal_(module.model, 1.0)
+        module.to(torch.float64)
+    return module
 
 
 FIT_OPTIONS: dict[str, float | int] = {}  # --fit-start / --plateau-tol, passed to local_exponent
@@ -446,7 +486,7 @@ def plot(
     axes[1, 1].set_ylim(0, 1)
     axes[1, 1].set_title(f"test accuracy, seed {min(x.seed for x in runs)}", fontsize=10)
     axes[1, 1].legend(fontsize=6, ncol=2)
-    fig.suptitle(f"MNIST ({args.subset} train), MLP 784-64-10 tanh N(0,1), full-batch GD float64, "
+    fig.suptitle(f"MNIST ({args.subset} train), {MODELS[args.model]} N(0,1), full-batch GD float64, "
                  f"{args.seeds} inits, {args.steps} steps", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -459,7 +499,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT, help="directory holding MNIST/raw/")
     parser.add_argument("--subset", type=int, default=10000, help="training examples (seeded subset of the 54k left after the validation split)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0])
-    parser.add_argument("--seeds", type=int, default=3, help="initialisations (seeds 0 … N-1; seed i also draws twin i's perturbation)")
+    parser.add_argument("--model", choices=tuple(MODELS), default="mlp",
+                        help="mlp: the paper's 784-64-10; deep_mlp: 784-64-64-64-10; cnn: a small strided CNN (see small_cnn)")
+    parser.add_argument("--seeds", "--inits", dest="seeds", type=int, default=3,
+                        help="initialisations (seeds 0 … N-1; seed i also draws twin i's perturbation)")
     parser.add_argument("--steps", type=int, default=120, help="full-batch GD steps (= epochs) per run")
     parser.add_argument("--lyap-steps", type=int, default=50, help="steps during which the twin is trained (window of ln d(t))")
     parser.add_argument("--fit-start", type=int, default=0, help="local_exponent(start=...): samples skipped (alignment transient)")
@@ -477,11 +520,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=False,
                         help="standardise the pixels (default: off, raw [0, 1] pixels as in the authors' code)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--out", type=Path, default=RESULTS / "chaotic_transients")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default reproductions/results/chaotic_transients[_<model> unless mlp])")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.lyap_steps < 2 or args.eval_every < 1 or args.seeds < 1:
         parser.error("--steps >= 1, --lyap-steps >= 2, --eval-every >= 1 and --seeds >= 1 are required")
     args.targets = sorted({args.target, *args.extra_targets})
+    MODEL["name"] = args.model
+    if args.out is None:
+        args.out = RESULTS / ("chaotic_transients" if args.model == "mlp" else f"chaotic_transients_{args.model}")
     FIT_OPTIONS.update(start=args.fit_start, plateau_tol=args.plateau_tol)
     lrs = sorted(args.lrs)
     torch.set_num_threads(args.threads)
@@ -499,7 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     print("# Chaotic transients in full-batch GD (arXiv 2506.08523), reduced\n")
     pixels = "standardised pixels" if args.normalize else "raw pixels in [0, 1]"
     print(f"MNIST: {len(data.train_set)} training examples (subset seed {args.data_seed}), {len(data.test_set)} test, {pixels}; "
-          f"MLP 784-64-10 tanh, N(0,1) weights, zero biases, float64, cross-entropy; full-batch GD for {args.steps} steps; "
+          f"{MODELS[args.model]}, N(0,1) weights, zero biases, float64, cross-entropy; full-batch GD for {args.steps} steps; "
           f"twin from ε = {args.epsilon:g} (L1, weights only) for the first {lyap_steps} steps; "
           f"{args.seeds} initialisations per lr; engine: {args.engine}; torch {torch.__version__}, {args.threads} thread(s)\n")
 

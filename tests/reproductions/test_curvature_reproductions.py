@@ -30,15 +30,17 @@ def test_chaos_theory_script_writes_its_tables_and_plots(fake_mnist_root: Path, 
     out = tmp_path / "out"
     chaos_theory.main(
         ["--data-root", str(fake_mnist_root), "--out", str(out), "--models", "mlp", "--lrs", "0.05", "0.2",
-         "--every", "2", "--probe", "64", *TINY_MNIST]
+         "--every", "2", "--cold-every", "2", "--probe", "64", *TINY_MNIST]
     )  # fmt: skip
     report = (out / "report.md").read_text()
-    for heading in ("λ_max·η along training", "Lyapunov-map estimate vs Lanczos", "Quasi-Newton"):
+    for heading in ("λ_max·η along training", "Lyapunov-map estimate vs Lanczos", "Quasi-Newton", "HVPs map (cold)"):
         assert heading in report
     assert "quasi-Newton (1/λmax)" in report and "EoS (0.9·2/λmax)" in report
     assert {p.name for p in out.glob("*.png")} == {"sharpness_lr.png", "map_vs_lanczos.png", "quasi_newton.png"}
     rows = (out / "estimates.csv").read_text().splitlines()
     assert rows[0].startswith("model,lr,step,monitor") and len(rows) > 6
+    monitors = {row.split(",")[3] for row in rows[1:]}
+    assert monitors == {"probe", "batch", "map", "batch_cold", "map_cold"}
 
 
 @pytest.mark.slow
