@@ -74,7 +74,7 @@ from torch import Tensor
 
 from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks import _outputs
-from chaos_callbacks.curvature import GGNOperator, HessianOperator, gradient_curvatures
+from chaos_callbacks.curvature import GGNOperator, HessianOperator, flatten, gradient_curvatures
 from chaos_callbacks.curvature.hvp import HessianView
 
 #: The curvature matrices a consumer can ask for: the Hessian, or the generalised Gauss–Newton matrix.
@@ -417,10 +417,7 @@ def _half_gradients(request: Request, batches: list[Any], weights: list[float], 
             if n < 2:
                 raise plumb.EstimateSkipped(f"a probe batch of {n} example has no two halves")
             start, stop = (0, n // 2) if part == 0 else (n // 2, n)
-            half = plumb.slice_batch(batch, start, stop)
-            loss = plumb.compute_loss(pl_module, half, request.loss_fn, batch_idx)
-            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-            total += weight * torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+            total += weight * flatten(plumb.slice_gradient(pl_module, params, batch, start, stop, request.loss_fn, batch_idx))
         halves.append(reduce(total))
     return halves[0], halves[1]
 

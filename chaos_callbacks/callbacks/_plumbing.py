@@ -183,6 +183,15 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t[start:stop] if t.ndim else t)
 
 
+def slice_gradient(pl_module: LightningModule, params: Sequence[Tensor], batch: Any, start: int, stop: int,
+                   loss_fn: LossFn | None, batch_idx: int) -> list[Tensor]:
+    """The gradient of the user's loss on examples ``start:stop`` of ``batch`` (zeros for unused
+    parameters), by ``torch.autograd.grad``. Call inside :func:`no_harm`."""
+    loss = compute_loss(pl_module, slice_batch(batch, start, stop), loss_fn, batch_idx)
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+
+
 def draw_probe_batches(trainer: Trainer, num_examples: int, split: str = "train") -> list[Any]:
     """The first ``num_examples`` examples of the training (``split="train"``) or the first validation
     (``split="val"``) loader, as the loader batches them, on the CPU.

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from chaos_callbacks.callbacks import _plumbing as plumb
 from chaos_callbacks.callbacks._validation import check_callable, check_choice, check_float, check_int, check_prefix
+from chaos_callbacks.curvature import flatten
 from chaos_callbacks.dynamics.noise_scale import NoiseEstimate, NoiseScaleSmoother, two_batch_estimate
 
 Source = Literal["auto", "ddp", "accumulation", "halves", "per_example", "micro_batches"]
@@ -64,19 +65,6 @@ def _sq_norm(tensors: Iterable[Tensor]) -> float:
     """Σ |t|² over ``tensors`` (a generator keeps one temporary at a time), summed in float64."""
     sums = [t.pow(2).sum() for t in tensors]
     return float(torch.stack(sums).double().sum()) if sums else 0.0
-
-
-def _slice_gradient(pl_module: LightningModule, params: list[Tensor], batch: Any, start: int, stop: int,
-                    loss_fn: plumb.LossFn | None, batch_idx: int) -> list[Tensor]:
-    """The gradient of the user's loss on examples ``start:stop`` of ``batch`` (zeros for unused
-    parameters), by ``torch.autograd.grad``. Call inside ``no_harm``."""
-    loss = plumb.compute_loss(pl_module, plumb.slice_batch(batch, start, stop), loss_fn, batch_idx)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
-
-
-def _flat(tensors: list[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 class _LossOf(nn.Module):
@@ -299,7 +287,7 @@ class GradientNoiseScale(Callback):
                 raise plumb.EstimateSkipped(f"only {len(acc.sizes)} micro-batch(es) had a backward pass at this step")
             count = len(acc.sizes)
             # .grad = (1/K) Σ_k g_k over the K' = count micro-batches seen: their mean is K/K' .grad
-            big = _flat(acc.previous) * (trainer.accumulate_grad_batches / count / self._loss_scale(trainer))
+            big = flatten(acc.previous) * (trainer.accumulate_grad_batches / count / self._loss_scale(trainer))
             inv_sizes = sum(1.0 / b for b in acc.sizes)
             pieces = Pieces(acc.small_sq_sum, count, inv_sizes, big, inv_sizes / count**2, sum(acc.sizes))
             self._record(trainer, pl_module, pieces, sum(acc.sizes))
@@ -321,8 +309,8 @@ class GradientNoiseScale(Callback):
         params = plumb.trainable_parameters(pl_module)
         half = size // 2
         with plumb.no_harm(pl_module, train_mode=None):
-            grads = _slice_gradient(pl_module, params, batch, 0, half, self.loss_fn, batch_idx)
-        return step, _flat(grads), half, size
+            grads = plumb.slice_gradient(pl_module, params, batch, 0, half, self.loss_fn, batch_idx)
+        return step, flatten(grads), half, size
 
     @staticmethod
     def _halves(pl_module: LightningModule, half: tuple[int, Tensor, int, int], loss_scale: float) -> Pieces:
@@ -330,7 +318,7 @@ class GradientNoiseScale(Callback):
         squared norm is expanded in the dot products of G_B and G₁, so that no third vector is formed."""
         _, first, b1, size = half
         params = plumb.trainable_parameters(pl_module)
-        big = _flat([torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]).div_(loss_scale)
+        big = flatten([torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]).div_(loss_scale)
         b2 = size - b1
         ff, fb = float(torch.dot(first, first)), float(torch.dot(first, big))
         bb = float(torch.dot(big, big))
@@ -368,12 +356,12 @@ class GradientNoiseScale(Callback):
         small_sq, inv_sizes = 0.0, 0.0
         for chunk in torch.arange(size).tensor_split(parts):
             start, stop = int(chunk[0]), int(chunk[-1]) + 1
-            grads = _slice_gradient(pl_module, params, batch, start, stop, self.loss_fn, batch_idx)
+            grads = plumb.slice_gradient(pl_module, params, batch, start, stop, self.loss_fn, batch_idx)
             small_sq += _sq_norm(grads)
             inv_sizes += 1.0 / (stop - start)
             for total, g in zip(big, grads):
                 total.add_(g, alpha=(stop - start) / size)
-        return Pieces(small_sq, parts, inv_sizes, _flat(big), 1.0 / size, size)
+        return Pieces(small_sq, parts, inv_sizes, flatten(big), 1.0 / size, size)
 
     def _per_example(self, pl_module: LightningModule, batch: Any, batch_idx: int, size: int) -> Pieces:
         """Per-example gradients with ``torch.func``, ``chunk_size`` at a time; G_big = their mean."""
@@ -396,7 +384,7 @@ class GradientNoiseScale(Callback):
             small_sq += float(torch.stack([g.flatten(1).pow(2).sum(1).double() for g in grads.values()]).sum())
             for name, g in grads.items():
                 big[name].add_(g.sum(0), alpha=1.0 / size)
-        return Pieces(small_sq, size, float(size), _flat(list(big.values())), 1.0 / size, size)
+        return Pieces(small_sq, size, float(size), flatten(list(big.values())), 1.0 / size, size)
 
     # ------------------------------------------------------------------ estimate and log
     def _combine(self, trainer: Trainer, pieces: Pieces) -> NoiseEstimate:
