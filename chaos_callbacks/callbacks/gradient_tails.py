@@ -429,7 +429,7 @@ class GradientTailFitter(Callback):
             msg = f"tail fit of the nonzero entries failed ({exc}; {drawn.draws} of {drawn.total} entries read)"
             self._skip(trainer, pl_module, step, "fit", msg)
             return metrics, drawn.values, None
-        if tails.fit.alpha <= ALPHA_MIN:
+        if tails.fit.censored:
             self._skip(trainer, pl_module, step, "alpha-floor", _FLOOR_MESSAGE.format(where="the entries"))
             return metrics, drawn.values, None
         fitted = {
@@ -466,7 +466,7 @@ class GradientTailFitter(Callback):
             if not plumb.is_finite(fit.alpha, fit.alpha_stderr):
                 self._warn_layer(f"layer:{layer}", f"non-finite tail fit of layer {layer!r} at step {trainer.global_step} ({fit})")
                 continue
-            if fit.alpha <= ALPHA_MIN:
+            if fit.censored:
                 self._warn_layer(f"floor:{layer}", f"step {trainer.global_step}: " + _FLOOR_MESSAGE.format(where=f"layer {layer!r}"))
                 continue
             out[f"grad_tail/{layer}/alpha"] = fit.alpha

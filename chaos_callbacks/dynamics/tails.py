@@ -271,6 +271,12 @@ class StableFit:
     alpha_stderr: float = math.nan
     scale_stderr: float = math.nan
 
+    @property
+    def censored(self) -> bool:
+        """``alpha`` sits at the lower end ``ALPHA_MIN`` of the supported range: the sample is heavier-tailed
+        than any law the fit covers, so ``alpha`` is a bound, not an estimate."""
+        return self.alpha <= ALPHA_MIN
+
 
 def _clean(x: np.ndarray) -> np.ndarray:
     """Flatten to float64, drop NaN/inf; require MIN_SAMPLES finite values with nonzero spread."""

@@ -507,3 +507,11 @@ def test_bad_arguments_raise() -> None:
         fit_symmetric_stable(x, method="mle", max_iter=0)
     with pytest.raises(ValueError, match="location"):
         fit_student_t(np.concatenate([np.zeros(4000), x[:1000]]))
+
+
+def test_a_fit_clipped_to_the_lower_bound_is_censored():
+    """Pareto tails of index 0.3 clip McCulloch's α to 0.5: a bound, not an estimate; a Cauchy sample is not."""
+    rng = np.random.default_rng(0)
+    heavy = rng.uniform(size=5000) ** (-1 / 0.3) * rng.choice([-1.0, 1.0], size=5000)
+    assert fit_symmetric_stable(heavy).censored
+    assert not fit_symmetric_stable(rng.standard_cauchy(5000)).censored
