@@ -15,9 +15,10 @@ hessian-eigenthings v1, which keep linear operators apart from the algorithms ru
 
 **One pass per step.** The first consumer due at a step calls :meth:`CurvatureEngine.estimate` from
 its ``on_train_batch_start``. The engine then asks *every* registered consumer whether it is due,
-groups the requests by forward and curvature — same probe batches, loss function, train/eval mode
-and curvature kind (``Request.curvature``: the Hessian, or the generalised Gauss–Newton matrix with
-its output split) — and for each group
+groups the requests by forward and curvature — same probe batches (a fixed probe set, or the same
+share of the step's batch: ``Request.batch_fraction``), loss function, train/eval mode and curvature
+kind (``Request.curvature``: the Hessian, or the generalised Gauss–Newton matrix with its output
+split) — and for each group
 
 1. enters :func:`~chaos_callbacks.callbacks._plumbing.no_harm` (``second_order=True``) once,
    forwards every probe batch once and builds one first-order graph
@@ -123,6 +124,8 @@ class Request:
         loss_fn: its loss (``None``: the module's ``training_step``).
         probe: a fixed probe set (CPU batches, from :meth:`CurvatureEngine.probe_set`), or ``None``
             for the step's batch.
+        batch_fraction: with ``probe=None``, the share of the step's batch the operator is built on: its
+            first ``⌈f · B⌉`` examples (:func:`~chaos_callbacks.callbacks._plumbing.batch_head`).
         train_mode: passed to ``no_harm`` (``True``: train mode, ``False``: eval, ``None``: as is).
         top: the top of ``H`` on ``params`` this consumer would take from another's solve.
         produces_top: ``compute`` publishes a top solve of ``H`` on ``params`` for others.
@@ -137,6 +140,7 @@ class Request:
     params: Sequence[Tensor]
     loss_fn: plumb.LossFn | None = None
     probe: list[Any] | None = None
+    batch_fraction: float = 1.0
     train_mode: bool | None = True
     top: TopNeed | None = None
     produces_top: bool = False
@@ -144,8 +148,9 @@ class Request:
     output_split: _outputs.OutputSplit | None = None
 
     def group_key(self) -> tuple[Any, ...]:
-        """Requests with equal keys share one forward and one operator: same probe, loss, mode and curvature."""
-        probe = "batch" if self.probe is None else id(self.probe)
+        """Requests with equal keys share one forward and one operator: same probe (and share of the step's
+        batch), loss, mode and curvature."""
+        probe = ("batch", self.batch_fraction) if self.probe is None else id(self.probe)
         split = None if self.output_split is None else (id(self.output_split.output_fn), id(self.output_split.output_loss_fn))
         return probe, id(self.loss_fn), self.train_mode, self.curvature, split if self.curvature == "ggn" else None
 
@@ -350,7 +355,10 @@ class CurvatureEngine:
             self._outcomes[consumer] = outcomes[id(consumer)]
         shared: dict[int, Shared] = {}
         try:
-            batches = [batch] if first.probe is None else [plumb.to_device(trainer, b) for b in first.probe]
+            if first.probe is None:
+                batches = [plumb.batch_head(batch, first.batch_fraction)]
+            else:
+                batches = [plumb.to_device(trainer, b) for b in first.probe]
             sizes = [plumb.batch_size_of(b) for b in batches]
             union = list({id(p): p for _, r in members for p in r.params}.values())
             with plumb.no_harm(pl_module, train_mode=first.train_mode, second_order=True):

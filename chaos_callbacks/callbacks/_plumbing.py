@@ -183,6 +183,22 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t[start:stop] if t.ndim else t)
 
 
+def batch_head(batch: Any, fraction: float) -> Any:
+    """The first ``⌈fraction · B⌉`` examples (at least one) of a batch of ``B``, sliced along dimension 0
+    of every tensor in it (Lightning's batch-first convention): ``batch`` itself when ``fraction`` is 1, when
+    it holds no tensor with a batch dimension or when its tensors disagree on dimension 0 (its examples
+    then cannot be told apart, and the whole batch is used)."""
+    if fraction >= 1:
+        return batch
+    sizes: set[int] = set()
+    apply_to_collection(batch, Tensor, lambda t: sizes.add(t.shape[0]) if t.ndim else None)
+    if len(sizes) != 1:
+        return batch
+    size = sizes.pop()
+    head = max(1, math.ceil(fraction * size))
+    return slice_batch(batch, 0, head) if head < size else batch
+
+
 def slice_gradient(pl_module: LightningModule, params: Sequence[Tensor], batch: Any, start: int, stop: int,
                    loss_fn: LossFn | None, batch_idx: int) -> list[Tensor]:
     """The gradient of the user's loss on examples ``start:stop`` of ``batch`` (zeros for unused

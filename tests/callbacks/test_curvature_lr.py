@@ -173,13 +173,13 @@ def test_warmup_ema_and_bounds():
     assert first(log.lrs) == [0.1, 0.1, 0.3, 0.3]  # 1/5 = 0.2 raised to min_lr
 
 
-@pytest.mark.parametrize("early, estimated", [(True, [0, 1, 2, 4, 8, 10]), (False, [0, 10])])
+@pytest.mark.parametrize("early, estimated", [(True, [0, 4, 8, 16, 20]), (False, [0, 20])])
 def test_early_estimates_at_powers_of_two(early, estimated):
     # curvature s + 1 at step s: the rate of step s is 1/(t + 1), t the latest estimate step
-    cb = Scheduler(every_n_steps=10, scale=1.0, early_estimates=early, tol=1e-8, loss_fn=probe_loss)
-    schedule = [[float(s + 1)] for s in range(13)]
-    log = fit_quadratic(Quadratic([2.0], [0.7], lr=0.1), cb, steps=13, before=[SetCurvature(schedule)])
-    latest = [max(t for t in estimated if t <= s) for s in range(13)]
+    cb = Scheduler(every_n_steps=20, scale=1.0, early_estimates=early, tol=1e-8, loss_fn=probe_loss)
+    schedule = [[float(s + 1)] for s in range(23)]
+    log = fit_quadratic(Quadratic([2.0], [0.7], lr=0.1), cb, steps=23, before=[SetCurvature(schedule)])
+    latest = [max(t for t in estimated if t <= s) for s in range(23)]
     assert first(log.lrs) == pytest.approx([1 / (t + 1) for t in latest], rel=1e-13)
 
 
@@ -411,19 +411,26 @@ def test_two_instances_have_distinct_state_keys():
 
 
 def ddp_scenario(devices: int):
-    """32 examples: 2 ranks × 16 (interleaved shards) or 1 process × 32 — the same global batch."""
+    """32 examples: 2 ranks × 16 (the sampler's shards) or 1 process × 32 — the same global batch, whole
+    (``batch_fraction=1``: the first halves of the ranks' shards are not the first half of the union)."""
     pl.seed_everything(0, verbose=False)
     model = TinyNet(lr=0.05).double()
     data = random_classification(n=32)
     dataset = torch.utils.data.TensorDataset(data.tensors[0].double(), data.tensors[1])
     dl = torch.utils.data.DataLoader(dataset, batch_size=32 // devices, shuffle=False)
     log = StepLog()
-    cb = Scheduler(every_n_steps=1, tol=1e-8, max_hvps=200)
+    cb = Scheduler(every_n_steps=1, tol=1e-8, max_hvps=200, batch_fraction=1.0)
 
     def collect(trainer, model, callbacks):
         return {"lrs": first(callbacks[0].lrs), "lambda": callbacks[1].last_estimate["curvature_lr/lambda"]}
 
     return model, dl, [log, cb], collect, dict(max_steps=3, max_epochs=None)
+
+
+def ddp_half_batch_scenario(devices: int):
+    """The default share: each rank estimates on the first half of its own shard, the products averaged over ranks."""
+    model, dl, (log, _), collect, kwargs = ddp_scenario(devices)
+    return model, dl, [log, Scheduler(every_n_steps=1, tol=1e-8, max_hvps=200)], collect, kwargs
 
 
 def ddp_dal_scenario(devices: int):
@@ -433,8 +440,9 @@ def ddp_dal_scenario(devices: int):
 
 
 @pytest.mark.ddp
-def test_ddp_dal_halves_give_the_same_rates_on_every_rank(tmp_path):
-    ranks = run_ddp("tests.callbacks.test_curvature_lr:ddp_dal_scenario", tmp_path / "ddp", devices=2)
+@pytest.mark.parametrize("scenario", ["ddp_dal_scenario", "ddp_half_batch_scenario"])
+def test_ddp_dal_halves_and_half_batches_give_the_same_rates_on_every_rank(tmp_path, scenario):
+    ranks = run_ddp(f"tests.callbacks.test_curvature_lr:{scenario}", tmp_path / "ddp", devices=2)
     assert ranks[0] == ranks[1] and len(ranks[0]["lrs"]) == 3
 
 
@@ -735,3 +743,48 @@ def test_adam_takes_no_early_estimates():
     model = Quadratic([1.0, 3.0, 5.0], [1.0, -1.0, 0.5], lr=0.01, optimizer="adam")
     log = fit_quadratic(model, cb, steps=8)
     assert first(log.lrs)[:6] == [0.01] * 6 and first(log.lrs)[6] != 0.01 and cb._rates[0].num_estimates == 1
+
+
+# ---------------------------------------------------------------------------- a share of the step's batch
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("fraction, examples", [(None, 6), (0.25, 3), (1.0, 11)])
+def test_the_curvature_is_that_of_the_first_share_of_the_batch(seed, fraction, examples):
+    """λ_max of the dense float64 Hessian of the first ⌈f · 11⌉ examples of each step's batch of 11 (default
+    f = ½), and the rate 1/λ_max (scale 1, no smoothing)."""
+    pl.seed_everything(seed, verbose=False)
+    data = random_classification(n=44, seed=seed)
+    dataset = torch.utils.data.TensorDataset(data.tensors[0].double(), data.tensors[1])
+    batches, log = BatchLog(), StepLog()
+    cb = Scheduler(every_n_steps=1, batch_fraction=fraction, tol=1e-9, max_hvps=200)
+    lambdas: list[float] = []
+    after = pl.Callback()
+    after.on_train_batch_start = lambda *args: lambdas.append(cb.last_estimate["curvature_lr/lambda"])
+    t = trainer(callbacks=[log, batches, cb, after], max_steps=4, max_epochs=None)
+    t.fit(TinyNet(lr=0.05).double(), torch.utils.data.DataLoader(dataset, batch_size=11))
+    for step, (net, (x, y)) in enumerate(zip(batches.nets, batches.batches)):
+        exact = float(torch.linalg.eigvalsh(exact_hessian(net, x[:examples], y[:examples]))[-1])
+        assert lambdas[step] == pytest.approx(exact, rel=1e-8)
+        assert first(log.lrs)[step] == pytest.approx(1 / exact, rel=1e-8)
+
+
+def test_batch_fraction_is_refused_with_a_fixed_probe_set_and_out_of_range():
+    with pytest.raises(ValueError, match=r"CurvatureLRScheduler: batch_fraction takes a share of the step's batch"):
+        CurvatureLRScheduler(probe=64, batch_fraction=0.5)
+    for bad in (0.0, 1.5, -0.5):
+        with pytest.raises(ValueError, match="CurvatureLRScheduler.*batch_fraction"):
+            CurvatureLRScheduler(batch_fraction=bad)
+    assert CurvatureLRScheduler()._batch_share == 0.5
+    assert CurvatureLRScheduler(mode="dal")._batch_share == 1.0  # DAL splits the whole batch into its halves
+    assert CurvatureLRScheduler(probe=64)._batch_share == 1.0
+
+
+def test_a_batch_whose_tensors_disagree_on_dimension_0_is_used_whole():
+    from chaos_callbacks.callbacks._plumbing import batch_head
+
+    x, y = torch.arange(10.0).reshape(5, 2), torch.arange(5)
+    head = batch_head({"x": x, "y": y, "scale": torch.tensor(2.0)}, 0.5)
+    assert torch.equal(head["x"], x[:3]) and torch.equal(head["y"], y[:3]) and float(head["scale"]) == 2.0
+    mixed = (x, torch.arange(7))
+    assert batch_head(mixed, 0.5) is mixed
+    assert batch_head((x, y), 1.0)[0] is x
+    assert torch.equal(batch_head((x, y), 0.01)[0], x[:1])  # at least one example

@@ -120,7 +120,7 @@ def hessian_of_batch(trainer, pl_module, batch):
 def test_same_operator_shares_one_solve(products, seed, order):
     pl.seed_everything(seed, verbose=False)
     monitor = HessianSpectrumMonitor(every_n_steps=1, top_k=2, tol=1e-6, max_hvps=200)
-    scheduler = CurvatureLRScheduler(scale=1.0, ema=0.0, every_n_steps=1, tol=1e-4)
+    scheduler = CurvatureLRScheduler(scale=1.0, batch_fraction=1.0, ema=0.0, every_n_steps=1, tol=1e-4)
     around = Around(products, hessian_of_batch)
     cbs = [monitor, scheduler] if order == "monitor_first" else [scheduler, monitor]
     fit(CountingNet(lr=0.05).double(), cbs, around, steps=3)
@@ -155,7 +155,7 @@ def test_the_total_is_one_solve_of_the_monitor_alone(products):
 def test_a_stricter_scheduler_tightens_the_shared_solve(products):
     pl.seed_everything(0, verbose=False)
     monitor = HessianSpectrumMonitor(every_n_steps=1, tol=1e-2, lambda_min=False)
-    scheduler = CurvatureLRScheduler(scale=1.0, ema=0.0, every_n_steps=1, tol=1e-7, max_hvps=150)
+    scheduler = CurvatureLRScheduler(scale=1.0, batch_fraction=1.0, ema=0.0, every_n_steps=1, tol=1e-7, max_hvps=150)
     around = Around(products, hessian_of_batch)
     fit(CountingNet().double(), [monitor, scheduler], around, steps=2)
     for step in range(2):
@@ -197,10 +197,10 @@ def test_different_operators_share_the_forward(products, case, seed):
     pl.seed_everything(seed, verbose=False)
     if case == "adam":
         model = CountingNet(lr=0.01, optimizer="adam").double()
-        scheduler = CurvatureLRScheduler(scale=1.0, ema=0.0, every_n_steps=1, mode="edge_of_stability", tol=1e-8, max_hvps=200)
+        scheduler = CurvatureLRScheduler(scale=1.0, batch_fraction=1.0, ema=0.0, every_n_steps=1, mode="edge_of_stability", tol=1e-8, max_hvps=200)
     else:
         model = TwoGroups(lr=0.1).double()
-        scheduler = CurvatureLRScheduler(scale=1.0, ema=0.0, every_n_steps=1, tol=1e-8, max_hvps=200)
+        scheduler = CurvatureLRScheduler(scale=1.0, batch_fraction=1.0, ema=0.0, every_n_steps=1, tol=1e-8, max_hvps=200)
     monitor = HessianSpectrumMonitor(every_n_steps=1, tol=1e-8, max_hvps=300, lambda_min=False)
     around = Around(products, scaled_answers)
     fit(model, [monitor, scheduler], around, steps=3)
@@ -230,9 +230,9 @@ NO_HARM = dict(batch_norm=True, dropout=0.3, momentum=0.9, lr=0.05)
 )
 def test_the_monitor_adds_no_harm_to_the_scheduler(model_kwargs, scheduler_kwargs):
     kw = dict(max_epochs=2, accumulate_grad_batches=2)
-    alone_cb = CurvatureLRScheduler(scale=1.0, ema=0.0, tol=1e-2, every_n_steps=1, **scheduler_kwargs)
+    alone_cb = CurvatureLRScheduler(scale=1.0, batch_fraction=1.0, ema=0.0, tol=1e-2, every_n_steps=1, **scheduler_kwargs)
     alone = fit_snapshot(model_kwargs, [alone_cb], **kw)
-    both_cb = CurvatureLRScheduler(scale=1.0, ema=0.0, tol=1e-2, every_n_steps=1, **scheduler_kwargs)
+    both_cb = CurvatureLRScheduler(scale=1.0, batch_fraction=1.0, ema=0.0, tol=1e-2, every_n_steps=1, **scheduler_kwargs)
     monitor = HessianSpectrumMonitor(every_n_steps=1, top_k=2, trace=True, trace_samples=4)
     both = fit_snapshot(model_kwargs, [monitor, both_cb], **kw)
     assert monitor.last_estimate and both_cb._rates[0].curvature is not None
@@ -247,7 +247,7 @@ def test_the_monitor_adds_no_harm_to_the_scheduler(model_kwargs, scheduler_kwarg
 def test_a_failed_shared_solve_is_a_skip_for_both_each_in_its_own_area():
     # float32: Weinstein residuals floor near 1e-6·λ, so tol 1e-9 is never certified within the budget
     monitor = HessianSpectrumMonitor(every_n_steps=1, tol=1e-9, max_hvps=30, lambda_min=False)
-    scheduler = CurvatureLRScheduler(scale=1.0, ema=0.0, every_n_steps=1, tol=1e-9, max_hvps=30)
+    scheduler = CurvatureLRScheduler(scale=1.0, batch_fraction=1.0, ema=0.0, every_n_steps=1, tol=1e-9, max_hvps=30)
     pl.seed_everything(0, verbose=False)
     around = Around()
     with warnings.catch_warnings(record=True) as caught:
@@ -273,7 +273,7 @@ def test_a_failed_forward_is_a_skip_for_every_consumer_of_it():
         return nn.functional.cross_entropy(module(x), y)
 
     monitor = HessianSpectrumMonitor(every_n_steps=1, loss_fn=loss_fn, lambda_min=False)
-    scheduler = CurvatureLRScheduler(scale=1.0, ema=0.0, every_n_steps=1, loss_fn=loss_fn)
+    scheduler = CurvatureLRScheduler(scale=1.0, batch_fraction=1.0, ema=0.0, every_n_steps=1, loss_fn=loss_fn)
     pl.seed_everything(0, verbose=False)
     FORWARDS[0] = 0
     with pytest.warns(UserWarning, match="probe loss exploded"):
@@ -315,7 +315,7 @@ def ddp_scenario(devices: int):
     model = TinyNet(lr=0.05).double()
     dl = torch.utils.data.DataLoader(data64(32), batch_size=32 // devices, shuffle=False)
     monitor = HessianSpectrumMonitor(every_n_steps=1, top_k=2, tol=1e-6, max_hvps=200)
-    scheduler = CurvatureLRScheduler(scale=1.0, ema=0.0, every_n_steps=1, tol=1e-4)
+    scheduler = CurvatureLRScheduler(scale=1.0, batch_fraction=1.0, ema=0.0, every_n_steps=1, tol=1e-4)
     adam_like = []
 
     class Keep(pl.Callback):
