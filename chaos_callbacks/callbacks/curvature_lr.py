@@ -184,6 +184,14 @@ class CurvatureLRScheduler(Callback):
     gives a slightly smaller rate (MNIST MLP: median 0.31 against 0.36) at the same accuracy, so the
     default estimates on half the batch.
 
+    **A limitation of the defaults: plain SGD on a ReLU CNN.** Without momentum the first rate is
+    ``3/λ_max`` of the initialisation, an unstable step (``ηλ_max = 3 > 2``) that an MLP survives (its
+    best constant rate sits there) but that catapulted LeNet to ``λ_max`` 45–50 000 within four steps
+    and killed its ReLUs in every seed (best constant rate: 95.1 %). No guard tried (a capped growth of
+    the rate, a stability cap on the latest estimate, restarting the smoothing on a rise) kept the
+    benchmark tasks and saved it (``docs/curvature_lr.md``). There, bound the rate (``max_lr=0.3``:
+    95.5–96.4 %) or use ``mode="edge_of_stability"``.
+
     Logs ``curvature_lr/lr`` (``η``), ``curvature_lr/lambda`` (the smoothed curvature in use) and
     ``curvature_lr/skipped`` at every estimate step and when warm-up ends, and ``curvature_lr/hvps``
     at every estimate step: the Hessian-vector products this callback took (0 when it reused another
