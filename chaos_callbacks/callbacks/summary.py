@@ -115,7 +115,8 @@ def custom_scalars_layout(callbacks: list[Callback], optimizers: list[Any] | Non
     return layout
 
 
-#: Headline quantities printed at the end of fit, in this order (also under a callback's ``prefix``).
+#: Headline quantities printed at the end of fit, in this order (also under a callback's ``prefix``, and
+#: per optimizer: ``curvature_lr/optimizer_<i>/lr``).
 HEADLINES: tuple[str, ...] = (
     "hessian/lambda_max",
     "hessian/sharpness_lr",
@@ -324,8 +325,11 @@ def _headline_lines(trainer: Trainer, rows: dict[str, Row]) -> list[str]:
     table: list[tuple[str, str, str, str, str, str]] = []
     metrics = trainer.callback_metrics
     for name in HEADLINES:
+        area, quantity = name.rsplit("/", 1)
+        # under a prefix, and per optimizer (curvature_lr/optimizer_<i>/lr, grad_tail/optimizer_<i>/alpha)
+        headline = re.compile(rf"(^|.*/){re.escape(area)}/(optimizer_\d+/)?{re.escape(quantity)}$")
         for tag in sorted(set(rows) | set(metrics)):
-            if tag != name and not tag.endswith("/" + name):
+            if not headline.match(tag):
                 continue
             row = rows.get(tag)
             if row is None:  # the user's own metric (val/acc): value only

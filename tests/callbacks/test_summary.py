@@ -288,3 +288,18 @@ def test_adam_charts_only_when_the_optimizer_is_adam():
             adam = [title for title in layout[area] if title.startswith("Adam")]
             assert bool(adam) == shown, (optimizer, area, adam)
     assert not any("Hg" in title for title in layout["ggn"])  # the Gauss-Newton charts say G
+
+
+def test_headlines_include_each_optimizers_rate_and_prefixed_tags():
+    """Regression: with several optimizers the scheduler logs curvature_lr/optimizer_<i>/lr, which the headline
+    list (curvature_lr/lr) did not match, so the report showed no learning rate at all."""
+    from types import SimpleNamespace
+
+    from chaos_callbacks.callbacks.summary import Row, _headline_lines
+
+    tags = ["curvature_lr/optimizer_0/lr", "curvature_lr/optimizer_1/lr", "probe_a/curvature_lr/lr",
+            "curvature_lr/optimizer_0/lambda", "hessian/block_a/lambda_max", "xcurvature_lr/lr"]
+    rows = {t: Row(t, 0.5, None, "", "exact", 3, False, "") for t in tags}
+    lines = _headline_lines(SimpleNamespace(callback_metrics={}), rows)
+    listed = [line.split()[0] for line in lines[2:]]
+    assert listed == ["curvature_lr/optimizer_0/lr", "curvature_lr/optimizer_1/lr", "probe_a/curvature_lr/lr"]
