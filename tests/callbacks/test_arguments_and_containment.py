@@ -107,7 +107,7 @@ def test_any_exception_inside_an_estimate_is_contained(error: Exception) -> None
         raise error
 
     monitor = HessianSpectrumMonitor(every_n_steps=1, loss_fn=failing_loss)
-    scheduler = CurvatureLRScheduler(every_n_steps=1, loss_fn=failing_loss)
+    scheduler = CurvatureLRScheduler(every_n_steps=1, loss_fn=failing_loss, batch_fraction=1.0)
     model = TinyNet()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

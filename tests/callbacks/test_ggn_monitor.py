@@ -192,7 +192,7 @@ def test_ggn_equals_hessian_for_a_linear_model_with_squared_error(seed):
 def test_a_scheduler_never_reuses_a_gauss_newton_solve():
     """On a nonlinear model the two differ: the scheduler's λ is the Hessian's, computed by itself."""
     ggn = HessianSpectrumMonitor(every_n_steps=1, tol=1e-8, max_hvps=200, curvature="ggn")
-    scheduler = CurvatureLRScheduler(every_n_steps=1, tol=1e-8, max_hvps=200)
+    scheduler = CurvatureLRScheduler(every_n_steps=1, tol=1e-8, max_hvps=200, batch_fraction=1.0)
     exact, keep = Exact(CE, hessian=True), Keep(ggn, scheduler)
     pl.seed_everything(0, verbose=False)
     trainer(callbacks=[exact, ggn, scheduler, keep], max_steps=1, max_epochs=None).fit(TinyNet().double(), double_loader(0))
